@@ -1,0 +1,8 @@
+"""The dialect registry: one line per vendor API Dialgate speaks."""
+
+from __future__ import annotations
+
+from dialects.base import Dialect
+from dialects.cohorly import Cohorly
+
+REGISTRY: tuple[type[Dialect], ...] = (Cohorly,)

@@ -1,0 +1,122 @@
+"""The adapter contract every dialect implements.
+
+A dialect is a pure translator at the edge of the gateway. It is given the
+request as bytes plus metadata (`Incoming`) and a credential lookup built once
+from the configuration, and returns either canonical records (`Batch`) or a
+typed refusal (`Failure`). After the pipeline has limited, deduplicated and
+stored the batch, the dialect turns the `Outcome` (or a `Failure` the pipeline
+raised itself: body too large, rate limited, storage unavailable) into the
+vendor's status code and body. A dialect does no I/O and keeps no state
+between requests; everything with I/O lives in the pipeline, once.
+
+Adding a vendor: subclass `Dialect`, declare its endpoints, its credential
+field in `[[projects]]` and its `Config` struct, then add the class to
+`dialects.REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from gateway.model import AliasOutcome, Record, Rejection
+
+FailureKind = Literal[
+    "bad_request",  # unparseable or invalid input
+    "unauthorized",  # missing or unknown credentials
+    "too_large",  # body over the endpoint's limit, compressed or not
+    "rate_limited",  # refused by a rate limit; retry_after is set
+    "unavailable",  # storage unreachable; retry_after is set
+    "unstorable",  # the database refused data that passed validation
+]
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    path: str
+    name: str
+    methods: tuple[str, ...] = ("POST",)
+    max_body: int = 1024 * 1024
+    # Counted against the dialect's per-client-IP limit (checked before the
+    # body or credentials are looked at).
+    ip_limited: bool = False
+
+
+class Incoming(msgspec.Struct, frozen=True, kw_only=True):
+    endpoint: str
+    method: str
+    headers: Mapping[str, str]  # lower-cased names; repeated headers joined by ","
+    query: Sequence[tuple[str, str]]
+    body: bytes
+    client_ip: str
+    received_at: int  # unix ms
+
+
+class Batch(msgspec.Struct, kw_only=True):
+    records: list[Record] = []
+    # Problems the caller is not told about (the quarantine).
+    rejections: list[Rejection] = []
+
+
+class Failure(msgspec.Struct, frozen=True, kw_only=True):
+    kind: FailureKind
+    message: str
+    details: tuple[str, ...] = ()
+    retry_after: int | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    inserted: int = 0  # events newly stored
+    duplicates: int = 0  # events skipped as already stored
+    applied: int = 0  # profile operations applied
+    aliases: tuple[AliasOutcome, ...] = ()  # one per Alias record, in order
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True):
+    status: int
+    body: bytes = b""
+    content_type: str | None = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class SlidingWindow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """At most `requests` in any window of `per_seconds`."""
+
+    requests: int
+    per_seconds: int
+
+
+class Dialect:
+    name: ClassVar[str]
+    # The `[[projects]]` field holding this dialect's credentials.
+    credential_field: ClassVar[str]
+    # This dialect's `[dialects.<name>]` table; must have `enabled: bool`.
+    Config: ClassVar[type[msgspec.Struct]]
+
+    def __init__(self, config: Any, credentials: Mapping[Any, str]) -> None:
+        self.config = config
+        self.credentials = credentials  # credential -> project name
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        raise NotImplementedError
+
+    def ip_limit(self) -> SlidingWindow | None:
+        """The per-client-IP limit shared by the endpoints marked ip_limited."""
+        return None
+
+    def translate(self, request: Incoming) -> Batch | Failure:
+        raise NotImplementedError
+
+    def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
+        raise NotImplementedError
+
+
+def json_reply(status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status=status, body=msgspec.json.encode(payload), headers=headers)
+
+
+def retry_after_headers(failure: Failure) -> tuple[tuple[str, str], ...]:
+    if failure.retry_after is None:
+        return ()
+    return (("retry-after", str(max(1, failure.retry_after))),)

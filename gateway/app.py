@@ -1,0 +1,103 @@
+"""The application factory: routes from the dialect registry, resources in
+the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from dialects import REGISTRY
+from gateway.admin import Admin
+from gateway.config import Settings, credentials_for
+from gateway.dedup import Dedup
+from gateway.http import ClientAddress, Cors, TrailingSlash
+from gateway.metrics import Metrics
+from gateway.pipeline import Ingest, Services
+from gateway.quarantine import Sampler
+from gateway.ratelimit import Limiter
+from gateway.redislink import RedisLink
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.writer import Writer
+
+log = logging.getLogger("dialgate")
+
+
+class State:
+    engine: Any = None
+    redis: RedisLink | None = None
+    metrics: Metrics
+
+
+def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
+    metrics = Metrics()
+    sampler = Sampler(settings.quarantine.per_minute, settings.quarantine.excerpt_bytes)
+    services = Services(
+        client_address=ClientAddress(settings.server.trusted_proxies),
+        sampler=sampler,
+        metrics=metrics,
+        unavailable_retry_after=settings.storage.unavailable_retry_after,
+    )
+    state = State()
+    state.metrics = metrics
+
+    routes: list[Route] = []
+    for dialect_class in REGISTRY:
+        config = settings.dialect_config(dialect_class.name)
+        if not config.enabled:
+            continue
+        dialect = dialect_class(config, credentials_for(settings, dialect_class.credential_field))
+        for endpoint in dialect.endpoints():
+            routes.append(
+                Route(
+                    endpoint.path,
+                    Cors(Ingest(dialect, endpoint, services)),
+                    methods=[*endpoint.methods, "OPTIONS"],
+                )
+            )
+    admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state)
+    routes += admin.routes()
+    should_migrate = settings.storage.migrate_on_start if migrate is None else migrate
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        engine = create_engine(settings.storage.url)
+        if should_migrate:
+            await upgrade(engine)
+        link = None
+        if settings.redis.url:
+            link = RedisLink(
+                settings.redis.url, prefix=settings.redis.key_prefix,
+                retry_interval=settings.redis.retry_interval,
+            )
+            if not await link.ping():
+                log.warning("starting without redis; limits are open until it answers")
+        writer = Writer(
+            engine,
+            max_rows=settings.storage.batch_max_rows,
+            delay_ms=settings.storage.batch_delay_ms,
+            clock=services.clock,
+            admit=sampler.admit,
+        )
+        writer.start()
+        services.writer = writer
+        services.limiter = Limiter(link)
+        services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
+        state.engine, state.redis = engine, link
+        try:
+            yield
+        finally:
+            await writer.close()
+            if link is not None:
+                await link.close()
+            await engine.dispose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.router.redirect_slashes = False
+    app.state.dialgate = state
+    return TrailingSlash(app)

@@ -1,0 +1,14 @@
+"""Entry point for hypercorn workers: the app from DIALGATE_CONFIG + env."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from gateway.app import build_app
+from gateway.config import load
+
+
+def app_from_env() -> Any:
+    # The parent process has already migrated.
+    return build_app(load(os.environ.get("DIALGATE_CONFIG")), migrate=False)

@@ -1,0 +1,203 @@
+"""HTTP plumbing shared by every dialect: bodies, encodings, client address,
+CORS and trailing slashes. The middlewares are plain ASGI classes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+Scope = dict[str, Any]
+
+# After an early answer (413), keep reading and discarding this much of the
+# rest of the body, so the client sees the answer instead of a reset.
+DRAIN_BYTES = 16 * 1024 * 1024
+DRAIN_SECONDS = 5.0
+
+
+class TooLarge(Exception):
+    pass
+
+
+class BadEncoding(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    pass
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return headers
+
+
+class BodyReader:
+    """Reads a request body, refusing it as soon as it passes `limit`."""
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self.complete = False
+
+    async def read(self, headers: dict[str, str], limit: int) -> bytes:
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise TooLarge
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                self.complete = True
+                return b"".join(chunks)
+
+    async def drain(self) -> None:
+        """Discard what the client is still sending, within bounds."""
+        if self.complete:
+            return
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                drained = 0
+                while drained < DRAIN_BYTES:
+                    message = await self._receive()
+                    if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                        break
+                    drained += len(message.get("body", b""))
+        except TimeoutError:
+            pass
+        self.complete = True
+
+
+def decode_body(body: bytes, encoding: str, limit: int) -> bytes:
+    """Undo Content-Encoding; the decoded size is capped at `limit` too."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise BadEncoding(f"unsupported Content-Encoding: {encoding[:40]}")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadEncoding("corrupt gzip body") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise TooLarge
+    if not inflater.eof or inflater.unused_data:
+        raise BadEncoding("corrupt gzip body")
+    return out
+
+
+class ClientAddress:
+    """The client IP: the peer, or X-Forwarded-For when the peer is trusted.
+
+    The forwarded chain is walked from the right, skipping trusted proxies;
+    the first address not trusted is the client.
+    """
+
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in trusted]
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._networks)
+
+    def __call__(self, scope: Scope, headers: dict[str, str]) -> str:
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        if not self._networks or not self._trusted(peer):
+            return peer
+        forwarded = headers.get("x-forwarded-for", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer
+        return hops[0] if hops else peer
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value
+    return None
+
+
+class Cors:
+    """CORS for an ingestion route, as browser SDKs need it.
+
+    Preflights get 204 without credentials being checked; every response,
+    errors included, echoes the Origin and allows credentials.
+    """
+
+    ALLOW_METHODS = b"GET, POST, OPTIONS"
+    DEFAULT_HEADERS = b"Content-Type, Content-Encoding, Authorization, X-Cohorly-Token"
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        origin = _header(scope, b"origin")
+        if scope["method"] == "OPTIONS":
+            requested = _header(scope, b"access-control-request-headers")
+            headers = [
+                (b"access-control-allow-methods", self.ALLOW_METHODS),
+                (b"access-control-allow-headers", requested or self.DEFAULT_HEADERS),
+                (b"access-control-max-age", b"86400"),
+                *self._origin_headers(origin),
+            ]
+            await send({"type": "http.response.start", "status": 204, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if origin is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", []), *self._origin_headers(origin)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+    @staticmethod
+    def _origin_headers(origin: bytes | None) -> list[tuple[bytes, bytes]]:
+        if origin is None:
+            return [(b"access-control-allow-origin", b"*")]
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"Origin"),
+        ]
+
+
+class TrailingSlash:
+    """Serve `/track/` as `/track`, without a redirect."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if len(path) > 1 and path.endswith("/"):
+                scope = dict(scope, path=path.rstrip("/") or "/")
+        await self.app(scope, receive, send)

@@ -1,0 +1,90 @@
+"""The canonical records every dialect translates into.
+
+This module imports nothing of ours: dialects depend on it, storage depends on
+it, and it depends on neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    project: str
+    source: str
+    name: str
+    distinct_id: str | None
+    time: int
+    received_at: int
+    anonymous_id: str | None = None
+    user_id: str | None = None
+    insert_id: str | None = None
+    session_id: str | None = None
+    properties: dict[str, Any] = {}
+    context: dict[str, Any] = {}
+    consent: bool | None = None
+
+
+class ProfileUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """One profile operation; verbs apply in the order of the fields below."""
+
+    project: str
+    source: str
+    distinct_id: str
+    time: int
+    set_once: dict[str, Any] = {}
+    set: dict[str, Any] = {}
+    add: dict[str, int | float] = {}
+    append: dict[str, Any] = {}
+    union: dict[str, list[Any]] = {}
+    remove: dict[str, Any] = {}
+    unset: list[str] = []
+    delete: bool = False
+    # Only create the profile (used by device registration and identify).
+    touch: bool = False
+
+
+class Alias(msgspec.Struct, frozen=True, kw_only=True):
+    """Link `alias` (the anonymous id) to the person of `distinct_id`.
+
+    `strict` means the caller is told when the link cannot be made (Cohorly's
+    /alias answers 400); otherwise a failed link is recorded as a rejection
+    and the request still succeeds.
+    """
+
+    project: str
+    source: str
+    alias: str
+    distinct_id: str
+    strict: bool = False
+
+
+class Device(msgspec.Struct, frozen=True, kw_only=True):
+    project: str
+    source: str
+    distinct_id: str
+    device_id: str
+    push_token: str | None = None
+    os: str | None = None
+    os_version: str | None = None
+    model: str | None = None
+    app_build: str | None = None
+    app_version: str | None = None
+
+
+class Rejection(msgspec.Struct, frozen=True, kw_only=True):
+    """Something the caller was not told about, kept in the quarantine."""
+
+    project: str | None
+    source: str
+    reason: str
+    detail: str
+    excerpt: str = ""
+    received_at: int = 0
+
+
+Record = Event | ProfileUpdate | Alias | Device
+
+AliasOutcome = Literal["linked", "exists", "self", "conflict", "cycle"]

@@ -1,0 +1,185 @@
+"""The ingestion pipeline, the same ordered stages for every dialect:
+
+1. per-client-IP rate limit (when the dialect has one; needs neither the
+   credentials nor the body, so it runs first)
+2. body: capped while reading, Content-Encoding undone with the same cap
+3. translation by the dialect: credentials -> project, validation, records
+4. dedup fast path: one cache round trip for the batch's insert ids
+5. persist through the batched writer; the answer waits for the commit
+6. remember the newly committed insert ids
+7. the dialect renders the outcome in the vendor's shape
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply
+from gateway.dedup import Dedup, Key
+from gateway.http import BadEncoding, BodyReader, ClientAddress, ClientGone, TooLarge, decode_body, header_dict
+from gateway.metrics import Metrics
+from gateway.model import Event, Record
+from gateway.quarantine import Sampler
+from gateway.ratelimit import Limiter, retry_after_seconds
+from storage.writer import StorageUnavailable, Unstorable, Writer
+
+log = logging.getLogger("dialgate.ingest")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Services:
+    """What the stages need; filled in by the app's lifespan."""
+
+    writer: Writer
+    limiter: Limiter
+    dedup: Dedup
+
+    def __init__(self, *, client_address: ClientAddress, sampler: Sampler, metrics: Metrics,
+                 unavailable_retry_after: int, clock: Callable[[], int] = now_ms) -> None:
+        self.client_address = client_address
+        self.sampler = sampler
+        self.metrics = metrics
+        self.unavailable_retry_after = unavailable_retry_after
+        self.clock = clock
+
+
+class Ingest:
+    """One ingestion route: an ASGI app running the pipeline for a dialect."""
+
+    def __init__(self, dialect: Dialect, endpoint: Endpoint, services: Services) -> None:
+        self.dialect = dialect
+        self.endpoint = endpoint
+        self.services = services
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        services = self.services
+        headers = header_dict(scope)
+        reader = BodyReader(receive)
+        request = Incoming(
+            endpoint=self.endpoint.name,
+            method=scope["method"],
+            headers=headers,
+            query=_query(scope),
+            body=b"",
+            client_ip=services.client_address(scope, headers),
+            received_at=services.clock(),
+        )
+        try:
+            result, request = await self._run(request, reader)
+        except ClientGone:
+            return
+        reply = self.dialect.render(request, result)
+        if isinstance(result, Failure):
+            self._log_rejected(request, result, reply)
+        await _send(send, reply)
+        await reader.drain()
+        services.metrics.observe(self.dialect.name, time.perf_counter() - started)
+
+    async def _run(self, request: Incoming, reader: BodyReader) -> tuple[Outcome | Failure, Incoming]:
+        services = self.services
+        window = self.dialect.ip_limit() if self.endpoint.ip_limited else None
+        if window is not None:
+            wait = await services.limiter.sliding(self.dialect.name, request.client_ip, window)
+            if wait:
+                return Failure(kind="rate_limited", message="rate limited",
+                               retry_after=retry_after_seconds(wait)), request
+        if request.method != "GET":
+            try:
+                raw = await reader.read(request.headers, self.endpoint.max_body)
+                body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
+            except TooLarge:
+                return Failure(kind="too_large", message="request body too large"), request
+            except BadEncoding as exc:
+                return Failure(kind="bad_request", message=str(exc)), request
+            request = Incoming(
+                endpoint=request.endpoint, method=request.method, headers=request.headers,
+                query=request.query, body=body, client_ip=request.client_ip,
+                received_at=request.received_at,
+            )
+        translated = self.dialect.translate(request)
+        if isinstance(translated, Failure):
+            return translated, request
+        return await self._store(translated), request
+
+    async def _store(self, batch: Batch) -> Outcome | Failure:
+        services = self.services
+        source = self.dialect.name
+        rejections = [r for r in batch.rejections if services.sampler.admit(r)]
+        for r in batch.rejections:
+            services.metrics.inc("dialgate_rejections_total", dialect=source, reason=r.reason)
+        records: list[Record] = batch.records
+        keys: list[Key] = [
+            (r.project, r.source, r.insert_id)  # type: ignore[union-attr]
+            for r in records
+            if type(r) is Event and r.insert_id is not None
+        ]
+        cached = await services.dedup.seen(keys) if keys else set()
+        if cached:
+            records = [
+                r for r in records
+                if not (type(r) is Event and (r.project, r.source, r.insert_id) in cached)  # type: ignore[union-attr]
+            ]
+        skipped = len(batch.records) - len(records)
+        if not records:
+            services.writer.quarantine(rejections)
+            self._count(batch, 0, skipped)
+            return Outcome(duplicates=skipped)
+        try:
+            written = await services.writer.submit(records, rejections)
+        except StorageUnavailable:
+            return Failure(kind="unavailable", message="storage unavailable",
+                           retry_after=services.unavailable_retry_after)
+        except Unstorable:
+            return Failure(kind="unstorable", message="the database refused this data")
+        await services.dedup.remember(written.new_keys)
+        self._count(batch, written.inserted, skipped + written.duplicates)
+        return Outcome(
+            inserted=written.inserted,
+            duplicates=skipped + written.duplicates,
+            applied=written.applied,
+            aliases=tuple(written.aliases),
+        )
+
+    def _count(self, batch: Batch, stored: int, duplicates: int) -> None:
+        metrics = self.services.metrics
+        events = [r for r in batch.records if type(r) is Event]
+        if not events:
+            return
+        project = events[0].project
+        metrics.inc("dialgate_events_received_total", len(events), dialect=self.dialect.name, project=project)
+        metrics.inc("dialgate_events_stored_total", stored, dialect=self.dialect.name, project=project)
+        metrics.inc("dialgate_events_deduplicated_total", duplicates, dialect=self.dialect.name, project=project)
+
+    def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
+        self.services.metrics.inc("dialgate_rejections_total", dialect=self.dialect.name, reason=failure.kind)
+        # Never the credentials or the body: the dialect's message names fields only.
+        log.info(
+            "rejected dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
+            self.dialect.name, request.endpoint, reply.status, failure.kind,
+            request.client_ip, failure.message[:200],
+        )
+
+
+def _query(scope: dict[str, Any]) -> list[tuple[str, str]]:
+    raw = scope.get("query_string", b"")
+    if not raw:
+        return []
+    from urllib.parse import parse_qsl
+
+    return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+
+
+async def _send(send: Any, reply: Reply) -> None:
+    headers = [(b"content-length", str(len(reply.body)).encode())]
+    if reply.content_type:
+        headers.append((b"content-type", reply.content_type.encode()))
+    headers += [(k.encode(), v.encode()) for k, v in reply.headers]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})

@@ -1,0 +1,33 @@
+"""Sampling for the rejections quarantine.
+
+Per (project, source, reason) and per minute, the first `per_minute`
+rejections are kept and the rest are counted but not stored, so no flood can
+grow the table faster than per_minute x keys rows a minute per process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.model import Rejection
+
+
+class Sampler:
+    def __init__(self, per_minute: int, excerpt_bytes: int) -> None:
+        self._per_minute = max(1, per_minute)
+        self._excerpt = excerpt_bytes
+        self._minute = -1
+        self._counts: dict[tuple[str | None, str, str], int] = {}
+
+    def admit(self, rejection: Rejection) -> bool:
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute = minute
+            self._counts.clear()
+        key = (rejection.project, rejection.source, rejection.reason)
+        seen = self._counts.get(key, 0)
+        self._counts[key] = seen + 1
+        return seen < self._per_minute
+
+    def excerpt(self, body: bytes) -> str:
+        return body[: self._excerpt].decode("utf-8", "replace")

@@ -1,0 +1,97 @@
+"""Rate limits: one Lua script call per request in Redis, or in-process.
+
+The sliding window is a log of admission times: at most `requests` admitted
+in any window of `per_seconds`. The Redis script takes its clock from Redis
+(TIME), so several gateways sharing one Redis share one budget and one clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import os
+import time
+
+from dialects.base import SlidingWindow
+from gateway.redislink import RedisLink
+
+# KEYS[1]: the window's sorted set. ARGV: limit, window ms, unique member.
+# Returns 0 when admitted, else the milliseconds until a slot frees up.
+_SLIDING_WINDOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+
+def retry_after_seconds(wait_ms: int) -> int:
+    return max(1, math.ceil(wait_ms / 1000))
+
+
+class LocalLimiter:
+    """In-process sliding windows, for a gateway without Redis."""
+
+    def __init__(self) -> None:
+        self._logs: dict[str, collections.deque[float]] = {}
+        self._next_sweep = 0.0
+
+    async def sliding(self, key: str, window: SlidingWindow) -> int:
+        now = time.monotonic() * 1000
+        length = window.per_seconds * 1000
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = collections.deque()
+        while log and log[0] <= now - length:
+            log.popleft()
+        self._sweep(now, length)
+        if len(log) < window.requests:
+            log.append(now)
+            return 0
+        return max(1, math.ceil(log[0] + length - now))
+
+    def _sweep(self, now: float, length: float) -> None:
+        # Forget idle clients so the table does not grow with every IP seen.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + length
+        for key in [k for k, v in self._logs.items() if not v or v[-1] <= now - length]:
+            del self._logs[key]
+
+
+class Limiter:
+    """Redis when configured and reachable; fails open when it is not."""
+
+    def __init__(self, link: RedisLink | None) -> None:
+        self._link = link
+        self._local = LocalLimiter()
+        self._script = link.client.register_script(_SLIDING_WINDOW) if link else None
+        self._nonce = itertools.count()
+        self._pid = os.getpid()
+
+    async def sliding(self, name: str, subject: str, window: SlidingWindow) -> int:
+        """0 if admitted, else milliseconds until the next admission."""
+        key = f"{name}:{subject}"
+        if self._link is None or self._script is None:
+            return await self._local.sliding(key, window)
+        if not self._link.usable:
+            return 0
+        member = f"{self._pid}:{next(self._nonce)}"
+        try:
+            wait = await self._script(
+                keys=[self._link.key("rl", "{" + key + "}")],
+                args=[window.requests, window.per_seconds * 1000, member],
+            )
+        except Exception as exc:
+            self._link.failed("rate limiting", exc)
+            return 0
+        self._link.succeeded()
+        return int(wait)

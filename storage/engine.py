@@ -1,0 +1,85 @@
+"""One engine factory per backend, each setting explained."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, assert_never
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+class Backend(enum.Enum):
+    SQLITE = "sqlite"
+    POSTGRESQL = "postgresql"
+
+
+def backend_of(url: str) -> Backend:
+    name = make_url(url).get_backend_name()
+    try:
+        return Backend(name)
+    except ValueError:
+        raise ValueError(f"unsupported database {name!r}: use sqlite+aiosqlite or postgresql+asyncpg") from None
+
+
+def create_engine(url: str) -> AsyncEngine:
+    backend = backend_of(url)
+    if backend is Backend.SQLITE:
+        return _sqlite(url)
+    if backend is Backend.POSTGRESQL:
+        return _postgresql(url)
+    assert_never(backend)
+
+
+def _sqlite(url: str) -> AsyncEngine:
+    engine = create_async_engine(
+        url,
+        # Readers (admin API) and the writer each hold a connection; WAL lets
+        # them proceed side by side.
+        pool_size=4,
+        max_overflow=4,
+        connect_args={"timeout": 30},
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (below) instead of pysqlite's implicit
+        # deferred transactions.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # Readers do not block the writer nor the writer readers.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the 2xx, even across power loss;
+        # group commit amortises the fsync.
+        cursor.execute("PRAGMA synchronous=FULL")
+        # Several processes (workers) may write: wait for the lock, not fail.
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Take the write lock up front so read-modify-write of profiles is
+        # serialised across processes and never hits a deadlock on upgrade.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _postgresql(url: str) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        # The writer holds one connection per flush; the rest serve the admin
+        # API and readiness checks.
+        pool_size=5,
+        max_overflow=5,
+        # Drop connections that died while idle (a restarted server) before use.
+        pool_pre_ping=True,
+        connect_args={
+            # Fail fast when the server is down so clients get a 503 quickly.
+            "timeout": 5,
+            "command_timeout": 30,
+            # The jsonb codec is set by SQLAlchemy; keep statements cached.
+            "server_settings": {"application_name": "dialgate"},
+        },
+    )

@@ -1,0 +1,49 @@
+"""Alembic environment.
+
+Two ways in: `dialgate migrate` / `serve` / the tests hand over a connection
+they hold (`config.attributes["connection"]`); the plain `alembic` command
+builds an engine from `sqlalchemy.url` or from the Dialgate settings
+(`DIALGATE_CONFIG` and `DIALGATE_STORAGE__URL`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from storage.tables import metadata
+
+config = context.config
+
+
+def run_with(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things; batch mode recreates the table.
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_online() -> None:
+    from gateway.config import load
+    from storage.engine import create_engine
+
+    url = config.get_main_option("sqlalchemy.url") or load(os.environ.get("DIALGATE_CONFIG")).storage.url
+    engine = create_engine(url)
+    async with engine.connect() as connection:
+        await connection.run_sync(run_with)
+        await connection.commit()
+    await engine.dispose()
+
+
+connection = config.attributes.get("connection")
+if connection is not None:
+    run_with(connection)
+else:
+    asyncio.run(run_online())

@@ -1,0 +1,107 @@
+"""The tables, as SQLAlchemy Core metadata (migrations freeze their own copy)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING)
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("project", String(200), nullable=False),
+    Column("source", String(50), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("distinct_id", Text),
+    Column("anonymous_id", Text),
+    Column("user_id", Text),
+    Column("time", BigInteger, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Column("insert_id", String(255)),
+    Column("session_id", Text),
+    Column("properties", Json, nullable=False),
+    Column("context", Json, nullable=False),
+    Column("consent", Boolean),
+    # The authority on duplicates; NULL insert ids never conflict.
+    UniqueConstraint("project", "source", "insert_id"),
+    Index(None, "project", "distinct_id"),
+)
+
+# One row per id that has been linked to a person. `person` is the root of its
+# tree, kept current when trees merge, so resolving an id is one lookup.
+aliases = Table(
+    "aliases",
+    metadata,
+    Column("project", String(200), primary_key=True),
+    Column("alias", Text, primary_key=True),
+    Column("distinct_id", Text, nullable=False),
+    Column("person", Text, nullable=False),
+    Column("source", String(50), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Index(None, "project", "person"),
+)
+
+# Keyed by the person (the root id); a deleted profile has no row.
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("project", String(200), primary_key=True),
+    Column("distinct_id", Text, primary_key=True),
+    Column("properties", Json, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+devices = Table(
+    "devices",
+    metadata,
+    Column("project", String(200), primary_key=True),
+    Column("device_id", Text, primary_key=True),
+    Column("distinct_id", Text, nullable=False),
+    Column("source", String(50), nullable=False),
+    Column("push_token", Text),
+    Column("os", Text),
+    Column("os_version", Text),
+    Column("model", Text),
+    Column("app_build", Text),
+    Column("app_version", Text),
+    Column("updated_at", BigInteger, nullable=False),
+    Index(None, "project", "distinct_id"),
+)
+
+rejections = Table(
+    "rejections",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("project", String(200)),
+    Column("source", String(50), nullable=False),
+    Column("reason", String(100), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("excerpt", Text, nullable=False),
+    Column("received_at", BigInteger, nullable=False),
+    Index(None, "project", "source", "reason"),
+)

@@ -1,0 +1,124 @@
+"""Helpers shared by the tests: settings, a running gateway, a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+
+from gateway.app import build_app
+from gateway.config import Settings, from_dict
+
+ADMIN_KEY = "adm_test_key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+PROJECTS = [
+    {
+        "name": "shop",
+        "cohorly_tokens": ["tok_shop", "tok_shop_2"],
+        "client_keys": ["pk_shop", "sk_shop"],
+        "inslytic_keys": ["ins_shop"],
+        "collect_sources": [{"site": 1234, "token": "src_shop"}],
+    },
+    {
+        "name": "blog",
+        "cohorly_tokens": ["tok_blog"],
+        "client_keys": ["pk_blog"],
+        "inslytic_keys": ["ins_blog"],
+        "collect_sources": [{"site": 99, "token": "src_blog"}],
+    },
+]
+
+
+def settings_for(backend: dict[str, str], **sections: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "storage": {"url": backend["storage_url"]},
+        "redis": {"url": backend["redis_url"], "key_prefix": backend["redis_prefix"]},
+        "admin": {"keys": [ADMIN_KEY]},
+        "projects": PROJECTS,
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **values}
+        else:
+            raw[section] = values
+    return from_dict(raw)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[None]:
+    """Drive the ASGI lifespan protocol, as a server would."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    await inbox.put({"type": "lifespan.startup"})
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        await task
+        raise RuntimeError(f"startup failed: {started}")
+    try:
+        yield
+    finally:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+
+@contextlib.asynccontextmanager
+async def gateway(settings: Settings, client_ip: str = "127.0.0.1") -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its resources started, and an HTTP client bound to it."""
+    app = build_app(settings)
+    async with lifespan(app):
+        transport = httpx.ASGITransport(app=app, client=(client_ip, 50000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            yield client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """A real hypercorn server on a loopback port, in a thread; yields its URL."""
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    port = free_port()
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    app = build_app(settings)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait)),
+        daemon=True,
+    )
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        threading.Event().wait(0.05)
+    else:
+        raise RuntimeError("live server did not start")
+    try:
+        yield url
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=15)
+        loop.close()
