@@ -1,0 +1,106 @@
+"""Redis going away while the gateway runs: it keeps serving.
+
+The test starts a Redis of its own (the machine's shared one is never
+stopped), kills it mid-run and brings it back on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.conftest import unreachable
+from tests.support import ADMIN, free_port, gateway, settings_for
+
+pytestmark = pytest.mark.anyio
+
+
+class OwnRedis:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unreachable("redis-server", "binary not on PATH")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("own redis did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    yield server
+    if server.process and server.process.poll() is None:
+        server.kill()
+
+
+def _batch(prefix: str, n: int) -> list[dict]:
+    return [{"event": "e", "properties": {"distinct_id": "u", "$insert_id": f"{prefix}-{i}"}} for i in range(n)]
+
+
+async def test_gateway_keeps_serving_without_redis(postgres_backend, own_redis, caplog) -> None:
+    backend = dict(postgres_backend, redis_url=own_redis.url)
+    settings = settings_for(
+        backend,
+        redis={"retry_interval": 0.2},
+        dialects={"cohorly": {"rate_limit": {"requests": 3, "per_seconds": 60}}},
+    )
+    token = {"X-Cohorly-Token": "tok_shop"}
+    async with gateway(settings) as client:
+        first = await client.post("/track", headers=token, json=_batch("a", 10))
+        assert first.json() == {"status": 1, "inserted": 10}
+        await client.post("/track", headers=token, json=_batch("a", 10))  # 2nd of 3 allowed
+        await client.post("/alias", headers=token, json={"alias": "x", "distinct_id": "u"})  # not limited
+        assert (await client.post("/track", headers=token, json=_batch("b", 1))).status_code == 200
+        assert (await client.post("/track", headers=token, json=_batch("b", 1))).status_code == 429
+
+        own_redis.kill()
+        with caplog.at_level(logging.WARNING, logger="dialgate.redis"):
+            # Limits fail open, and duplicates are still refused by the database.
+            replies = [await client.post("/track", headers=token, json=_batch("a", 10)) for _ in range(5)]
+        assert [r.status_code for r in replies] == [200] * 5
+        assert all(r.json()["inserted"] == 0 for r in replies)
+        assert any("redis unavailable" in r.getMessage() for r in caplog.records)
+        fresh = await client.post("/track", headers=token, json=_batch("c", 5))
+        assert fresh.json() == {"status": 1, "inserted": 5}
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["redis"] is False
+
+        own_redis.start()  # same port, empty: limits come back
+        await asyncio.sleep(0.3)
+        codes = [(await client.post("/engage", headers=token, json={"distinct_id": "u", "$set": {"a": 1}})).status_code
+                 for _ in range(4)]
+        assert codes == [200, 200, 200, 429]
+        assert (await client.get("/readyz")).status_code == 200
+        events = (await client.get("/admin/v1/projects/shop/events?limit=1000", headers=ADMIN)).json()["events"]
+    ids = [e["insert_id"] for e in events]
+    assert len(ids) == len(set(ids)) == 16

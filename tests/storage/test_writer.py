@@ -1,0 +1,127 @@
+"""The batched writer against the real databases."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.model import Alias, Event, ProfileUpdate
+from gateway.pipeline import now_ms
+from storage import queries
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from storage.writer import Unstorable, Writer
+from tests.support import ADMIN, gateway, settings_for
+
+pytestmark = pytest.mark.anyio
+
+
+def _event(n: int, **overrides: object) -> Event:
+    fields: dict = dict(
+        project="shop", source="cohorly", name="e", distinct_id="u", time=1_700_000_000_000 + n,
+        received_at=now_ms(), insert_id=f"id-{n}", properties={"n": n},
+    )
+    fields.update(overrides)
+    return Event(**fields)
+
+
+async def _writer(backend: dict[str, str], delay_ms: float = 0.0):
+    engine = create_engine(backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=now_ms, delay_ms=delay_ms)
+    writer.start()
+    return engine, writer
+
+
+async def test_one_bad_request_in_a_group_fails_alone(backend) -> None:
+    engine, writer = await _writer(backend, delay_ms=30)
+    try:
+        good = [writer.submit([_event(i)]) for i in range(20)]
+        # Passes the model, but no BIGINT column can hold it.
+        bad = writer.submit([_event(100, time=2**70)])
+        results = await asyncio.gather(*good, bad, return_exceptions=True)
+    finally:
+        await writer.close()
+    assert all(not isinstance(r, Exception) and r.inserted == 1 for r in results[:20])
+    assert isinstance(results[20], Unstorable)
+    rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=1000, after=None)
+    await engine.dispose()
+    assert sorted(r["properties"]["n"] for r in rows) == list(range(20))
+
+
+async def test_duplicates_across_a_group_are_stored_once(backend) -> None:
+    engine, writer = await _writer(backend, delay_ms=30)
+    try:
+        results = await asyncio.gather(*[writer.submit([_event(1), _event(2)]) for _ in range(5)])
+        again = await writer.submit([_event(1, name="other name", time=5)])
+    finally:
+        await writer.close()
+    assert sum(r.inserted for r in results) == 2
+    assert sum(r.duplicates for r in results) == 8
+    assert (again.inserted, again.duplicates) == (0, 1)
+    rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=100, after=None)
+    await engine.dispose()
+    assert len(rows) == 2
+
+
+async def test_aliases_merge_trees_and_profiles(backend) -> None:
+    engine, writer = await _writer(backend)
+    t = now_ms()
+    try:
+        await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="anon", time=t,
+                                           set={"plan": "free", "color": "red"})])
+        await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="user", time=t,
+                                           set={"plan": "pro"})])
+        # x -> anon first: anon's tree (anon, x) then joins user.
+        first = await writer.submit([Alias(project="shop", source="t", alias="x", distinct_id="anon")])
+        second = await writer.submit([Alias(project="shop", source="t", alias="anon", distinct_id="user")])
+        again = await writer.submit([Alias(project="shop", source="t", alias="x", distinct_id="user")])
+        conflict = await writer.submit([Alias(project="shop", source="t", alias="x", distinct_id="someone")])
+        cycle = await writer.submit([Alias(project="shop", source="t", alias="user", distinct_id="x")])
+    finally:
+        await writer.close()
+    assert first.aliases == ["linked"] and second.aliases == ["linked"]
+    assert again.aliases == ["exists"]
+    assert conflict.aliases == ["conflict"]
+    assert cycle.aliases == ["cycle"]
+    person = await queries.profile(engine, "shop", "x")
+    rejections, _ = await queries.rejections(engine, project="shop", source=None, reason=None, limit=10, after=None)
+    await engine.dispose()
+    assert person is not None
+    assert person["distinct_id"] == "user"
+    assert sorted(person["ids"]) == ["anon", "user", "x"]
+    # The known id's values win; the anonymous id's fill the gaps.
+    assert person["properties"] == {"plan": "pro", "color": "red"}
+    assert sorted(r["reason"] for r in rejections) == ["alias_conflict", "alias_cycle"]
+
+
+async def test_concurrent_adds_on_one_profile(backend) -> None:
+    async with gateway(settings_for(backend)) as client:
+        replies = await asyncio.gather(
+            *[
+                client.post("/engage", headers={"X-Cohorly-Token": "tok_shop"},
+                            json={"distinct_id": "counter", "$add": {"n": 1}})
+                for _ in range(100)
+            ]
+        )
+        assert [r.status_code for r in replies] == [200] * 100
+        profile = (await client.get("/admin/v1/projects/shop/profiles/counter", headers=ADMIN)).json()
+    assert profile["properties"] == {"n": 100}
+
+
+async def test_concurrent_adds_from_two_gateways(backend) -> None:
+    # Two apps, two engines, two writers: what two worker processes do.
+    settings = settings_for(backend)
+    async with gateway(settings) as one, gateway(settings) as two:
+        replies = await asyncio.gather(
+            *[
+                client.post("/engage", headers={"X-Cohorly-Token": "tok_shop"},
+                            json={"distinct_id": "shared", "$add": {"n": 1}})
+                for _ in range(50)
+                for client in (one, two)
+            ]
+        )
+        assert {r.status_code for r in replies} == {200}
+        profile = (await one.get("/admin/v1/projects/shop/profiles/shared", headers=ADMIN)).json()
+    assert profile["properties"] == {"n": 100}
