@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -10,5 +11,7 @@ from gateway.config import load
 
 
 def app_from_env() -> Any:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # The parent process has already migrated.
     return build_app(load(os.environ.get("DIALGATE_CONFIG")), migrate=False)

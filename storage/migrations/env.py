@@ -2,14 +2,16 @@
 
 Two ways in: `dialgate migrate` / `serve` / the tests hand over a connection
 they hold (`config.attributes["connection"]`); the plain `alembic` command
-builds an engine from `sqlalchemy.url` or from the Dialgate settings
-(`DIALGATE_CONFIG` and `DIALGATE_STORAGE__URL`).
+builds an engine from `sqlalchemy.url`, `DIALGATE_STORAGE__URL`, or the
+`[storage] url` of the file named by `DIALGATE_CONFIG` (read directly: storage
+does not import the gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tomllib
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -30,11 +32,21 @@ def run_with(connection: Connection) -> None:
         context.run_migrations()
 
 
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url") or os.environ.get("DIALGATE_STORAGE__URL")
+    if url:
+        return url
+    path = os.environ.get("DIALGATE_CONFIG")
+    if path:
+        with open(path, "rb") as file:
+            url = tomllib.load(file).get("storage", {}).get("url")
+    return url or "sqlite+aiosqlite:///./dialgate.db"
+
+
 async def run_online() -> None:
-    from gateway.config import load
     from storage.engine import create_engine
 
-    url = config.get_main_option("sqlalchemy.url") or load(os.environ.get("DIALGATE_CONFIG")).storage.url
+    url = _url()
     engine = create_engine(url)
     async with engine.connect() as connection:
         await connection.run_sync(run_with)
