@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Any, assert_never
 
+import msgspec
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -21,6 +22,14 @@ def backend_of(url: str) -> Backend:
         return Backend(name)
     except ValueError:
         raise ValueError(f"unsupported database {name!r}: use sqlite+aiosqlite or postgresql+asyncpg") from None
+
+
+def _json_dumps(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+# msgspec instead of the stdlib json module: JSON columns are on the hot path.
+JSON_CODEC = {"json_serializer": _json_dumps, "json_deserializer": msgspec.json.decode}
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -40,6 +49,7 @@ def _sqlite(url: str) -> AsyncEngine:
         pool_size=4,
         max_overflow=4,
         connect_args={"timeout": 30},
+        **JSON_CODEC,
     )
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -82,4 +92,5 @@ def _postgresql(url: str) -> AsyncEngine:
             # The jsonb codec is set by SQLAlchemy; keep statements cached.
             "server_settings": {"application_name": "dialgate"},
         },
+        **JSON_CODEC,
     )
