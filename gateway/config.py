@@ -128,13 +128,15 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     return from_dict(raw, os.environ if environ is None else environ)
 
 
 def from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    data = _apply_env(raw, environ or {})
+    data = _apply_env(raw, environ or {}, _defaults())
     try:
         settings = msgspec.convert(data, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -143,7 +145,11 @@ def from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> 
     return settings
 
 
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _defaults() -> dict[str, Any]:
+    return msgspec.to_builtins(Settings())  # type: ignore[no-any-return]
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], defaults: dict[str, Any]) -> dict[str, Any]:
     data = _deepcopy(raw)
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
@@ -151,9 +157,14 @@ def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if any(not part for part in path):
             continue
-        node = data
+        node, default = data, defaults
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            default = default.get(part, {}) if isinstance(default, dict) else {}
+            if part not in node:
+                # Overriding one key of a table the file left out: start from
+                # the table's defaults, not from an empty table.
+                node[part] = _deepcopy(default) if isinstance(default, dict) else {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a table")
             node = child
@@ -181,10 +192,15 @@ def _deepcopy(value: Any) -> Any:
 def _phrase(message: str) -> str:
     # msgspec says "... - at `$.server.workers`"; name the key path plainly.
     text, sep, where = message.rpartition(" - at `")
+    key = where.rstrip("`").removeprefix("$").removeprefix(".") if sep else ""
     if not sep:
-        return message
-    key = where.rstrip("`").removeprefix("$").removeprefix(".")
-    return f"{key}: {text}"
+        text = message
+    unknown = text.removeprefix("Object contains unknown field `")
+    if unknown != text:
+        # "server: unknown field `workerz`" -> "server.workerz: unknown key"
+        field = unknown.rstrip("`")
+        return f"{key + '.' if key else ''}{field}: unknown key"
+    return f"{key}: {text}" if key else text
 
 
 def _check(settings: Settings) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 
 Scope = dict[str, Any]
 
-# After an early answer (413), keep reading and discarding this much of the
-# rest of the body, so the client sees the answer instead of a reset.
+# Before answering 413, read and discard up to this much of the rest of the
+# body, so the client sees the answer instead of a connection reset.
 DRAIN_BYTES = 16 * 1024 * 1024
 DRAIN_SECONDS = 5.0
 
@@ -48,6 +48,8 @@ class BodyReader:
     async def read(self, headers: dict[str, str], limit: int) -> bytes:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) > limit + DRAIN_BYTES:
+                self.complete = True  # too much to drain: answer and close
             raise TooLarge
         chunks: list[bytes] = []
         size = 0

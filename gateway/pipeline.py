@@ -95,6 +95,9 @@ class Ingest:
                 raw = await reader.read(request.headers, self.endpoint.max_body)
                 body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
             except TooLarge:
+                # Consume the rest first (bounded), so the 413 can never be
+                # overtaken by a reset of a connection with unread data.
+                await reader.drain()
                 return Failure(kind="too_large", message="request body too large"), request
             except BadEncoding as exc:
                 return Failure(kind="bad_request", message=str(exc)), request

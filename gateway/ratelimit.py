@@ -47,12 +47,13 @@ class LocalLimiter:
     async def sliding(self, key: str, window: SlidingWindow) -> int:
         now = time.monotonic() * 1000
         length = window.per_seconds * 1000
+        # Sweep before taking this key's log, so the sweep cannot orphan it.
+        self._sweep(now, length)
         log = self._logs.get(key)
         if log is None:
             log = self._logs[key] = collections.deque()
         while log and log[0] <= now - length:
             log.popleft()
-        self._sweep(now, length)
         if len(log) < window.requests:
             log.append(now)
             return 0
