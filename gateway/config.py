@@ -79,6 +79,9 @@ class CollectSource(_Base):
     site: int
     token: str
 
+    def __repr__(self) -> str:
+        return f"CollectSource(site={self.site}, token=<masked>)"
+
 
 class ProjectConfig(_Base):
     name: str
