@@ -1,7 +1,8 @@
 """Cohorly: `/track`, `/engage`, `/alias` (DIALECTS.md, section cohorly).
 
 The token travels in the `X-Cohorly-Token` header or per record
-(`properties.token` on /track, `token` or `$token` on /engage and /alias); a
+(`properties.token` on /track, `token` on /alias, `token` or `$token` on
+/engage); a
 per-record token wins and is never stored. Records of one batch may belong to
 different projects. Bodies are validated by hand rather than with a Struct
 schema because the vendor's errors name the record index and the `$` key at
@@ -92,6 +93,9 @@ class Cohorly(Dialect):
             body = _decode(request.body)
         except msgspec.DecodeError:
             return Failure(kind="bad_request", message="invalid JSON")
+        except RecursionError:
+            # msgspec's answer to nesting deeper than the interpreter allows.
+            return Failure(kind="bad_request", message="invalid JSON: nested too deeply")
         header_token = request.headers.get("x-cohorly-token")
         try:
             if request.endpoint == "alias":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from typing import Any
 
 from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply
@@ -132,7 +133,7 @@ class Ingest:
         skipped = len(batch.records) - len(records)
         if not records:
             services.writer.quarantine(rejections)
-            self._count(batch, 0, skipped)
+            self._count(batch, (), {})
             return Outcome(duplicates=skipped)
         try:
             written = await services.writer.submit(records, rejections)
@@ -142,7 +143,10 @@ class Ingest:
         except Unstorable:
             return Failure(kind="unstorable", message="the database refused this data")
         await services.dedup.remember(written.new_keys)
-        self._count(batch, written.inserted, skipped + written.duplicates)
+        unkeyed: Counter[str] = Counter(
+            r.project for r in records if type(r) is Event and r.insert_id is None  # type: ignore[union-attr]
+        )
+        self._count(batch, written.new_keys, unkeyed)
         return Outcome(
             inserted=written.inserted,
             duplicates=skipped + written.duplicates,
@@ -150,15 +154,20 @@ class Ingest:
             aliases=tuple(written.aliases),
         )
 
-    def _count(self, batch: Batch, stored: int, duplicates: int) -> None:
-        metrics = self.services.metrics
-        events = [r for r in batch.records if type(r) is Event]
-        if not events:
-            return
-        project = events[0].project
-        metrics.inc("dialgate_events_received_total", len(events), dialect=self.dialect.name, project=project)
-        metrics.inc("dialgate_events_stored_total", stored, dialect=self.dialect.name, project=project)
-        metrics.inc("dialgate_events_deduplicated_total", duplicates, dialect=self.dialect.name, project=project)
+    def _count(self, batch: Batch, stored: Collection[Key], new_without_key: dict[str, int]) -> None:
+        """Per event, under its own project (a batch may span projects)."""
+        metrics, dialect = self.services.metrics, self.dialect.name
+        received: Counter[str] = Counter()
+        kept: Counter[str] = Counter(new_without_key)
+        for record in batch.records:
+            if type(record) is Event:
+                received[record.project] += 1
+        for key in stored:
+            kept[key[0]] += 1
+        for project, count in received.items():
+            metrics.inc("dialgate_events_received_total", count, dialect=dialect, project=project)
+            metrics.inc("dialgate_events_stored_total", kept[project], dialect=dialect, project=project)
+            metrics.inc("dialgate_events_deduplicated_total", count - kept[project], dialect=dialect, project=project)
 
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
         self.services.metrics.inc("dialgate_rejections_total", dialect=self.dialect.name, reason=failure.kind)

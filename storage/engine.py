@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any, assert_never
 
 import msgspec
@@ -24,8 +25,18 @@ def backend_of(url: str) -> Backend:
         raise ValueError(f"unsupported database {name!r}: use sqlite+aiosqlite or postgresql+asyncpg") from None
 
 
+# A JSON-escaped U+0000 that is not itself an escaped backslash followed by
+# "u0000" (an odd run of backslashes before "u0000" is an escape).
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _json_dumps(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
+    text = msgspec.json.encode(value).decode()
+    if "u0000" in text:
+        # PostgreSQL's jsonb refuses U+0000; every backend stores U+FFFD in its
+        # place so that both hold the same data.
+        text = _NUL_ESCAPE.sub(r"\1\\ufffd", text)
+    return text
 
 
 # msgspec instead of the stdlib json module: JSON columns are on the hot path.

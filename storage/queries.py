@@ -12,6 +12,7 @@ from storage import tables
 
 async def person_of(conn: AsyncConnection, project: str, id_: str) -> tuple[str, list[str]]:
     """The person (root id) an id belongs to, and every id of that person."""
+    id_ = id_.replace("\x00", "\ufffd")  # as the writer stores it
     a = tables.aliases
     root = (
         await conn.execute(select(a.c.person).where(a.c.project == project, a.c.alias == id_))

@@ -218,9 +218,25 @@ def _insert(backend: Backend, table: Any) -> Any:
     assert_never(backend)
 
 
+def clean(text_: str | None) -> str | None:
+    """U+0000 -> U+FFFD in text columns: PostgreSQL's text type refuses NUL,
+    and both backends must store the same thing."""
+    if text_ is not None and "\x00" in text_:
+        return text_.replace("\x00", "\ufffd")
+    return text_
+
+
 def _lock_key(project: str) -> int:
     # A stable signed 64-bit key per project for pg_advisory_xact_lock.
     return zlib.crc32(b"dialgate-profiles:" + project.encode()) - 2**31
+
+
+def _is_noop(update_: ProfileUpdate) -> bool:
+    """`$delete: false` alone, say: nothing to apply, so nothing is created."""
+    return not (
+        update_.touch or update_.set_once or update_.set or update_.add or update_.append
+        or update_.union or update_.remove or update_.unset
+    )
 
 
 class _Transaction:
@@ -249,7 +265,7 @@ class _Transaction:
                     continue
                 event: Event = record  # type: ignore[assignment]
                 if event.insert_id is not None:
-                    key = (event.project, event.source, event.insert_id)
+                    key = (event.project, event.source, clean(event.insert_id))
                     if key in owner:
                         written.duplicates += 1
                         continue
@@ -260,14 +276,14 @@ class _Transaction:
                     {
                         "project": event.project,
                         "source": event.source,
-                        "name": event.name,
-                        "distinct_id": event.distinct_id,
-                        "anonymous_id": event.anonymous_id,
-                        "user_id": event.user_id,
+                        "name": clean(event.name),
+                        "distinct_id": clean(event.distinct_id),
+                        "anonymous_id": clean(event.anonymous_id),
+                        "user_id": clean(event.user_id),
                         "time": event.time,
                         "received_at": event.received_at,
-                        "insert_id": event.insert_id,
-                        "session_id": event.session_id,
+                        "insert_id": clean(event.insert_id),
+                        "session_id": clean(event.session_id),
                         "properties": event.properties,
                         "context": event.context,
                         "consent": event.consent,
@@ -331,9 +347,9 @@ class _Transaction:
         self._dirty.add((project, person))
 
     async def profile(self, update_: ProfileUpdate) -> None:
-        person = await self.resolve(update_.project, update_.distinct_id)
+        person = await self.resolve(update_.project, clean(update_.distinct_id))  # type: ignore[arg-type]
         current = await self._profile(update_.project, person)
-        if update_.delete and current is None:
+        if current is None and (update_.delete or _is_noop(update_)):
             return
         props, problems = apply_update(current, update_)
         self._put_profile(update_.project, person, props)
@@ -349,7 +365,9 @@ class _Transaction:
             )
 
     async def alias(self, record: Alias) -> AliasOutcome:
-        project, a, d = record.project, record.alias, record.distinct_id
+        project = record.project
+        a, d = clean(record.alias), clean(record.distinct_id)
+        assert a is not None and d is not None
         if a == d:
             return "self"
         linked = await self._link(project, a)
@@ -402,8 +420,8 @@ class _Transaction:
         d = tables.devices
         values = {
             "project": record.project,
-            "device_id": record.device_id,
-            "distinct_id": record.distinct_id,
+            "device_id": clean(record.device_id),
+            "distinct_id": clean(record.distinct_id),
             "source": record.source,
             "push_token": record.push_token,
             "os": record.os,
