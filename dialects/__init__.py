@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dialects.base import Dialect
+from dialects.client import Client
 from dialects.cohorly import Cohorly
 
-REGISTRY: tuple[type[Dialect], ...] = (Cohorly,)
+REGISTRY: tuple[type[Dialect], ...] = (Cohorly, Client)

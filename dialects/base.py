@@ -24,7 +24,8 @@ import msgspec
 from gateway.model import AliasOutcome, Record, Rejection
 
 FailureKind = Literal[
-    "bad_request",  # unparseable or invalid input
+    "bad_request",  # unparseable input (or invalid, for dialects that don't tell them apart)
+    "invalid",  # well-formed input that breaks the dialect's rules
     "unauthorized",  # missing or unknown credentials
     "too_large",  # body over the endpoint's limit, compressed or not
     "rate_limited",  # refused by a rate limit; retry_after is set

@@ -245,6 +245,7 @@ class Cohorly(Dialect):
 
 _STATUS = {
     "bad_request": 400,
+    "invalid": 400,
     "unauthorized": 401,
     "too_large": 413,
     "rate_limited": 429,

@@ -1,0 +1,304 @@
+"""The bearer-key client API: `/api/client/{alias,identify,devices,events}`
+(DIALECTS.md, section client).
+
+Schemas are msgspec Structs that mirror DIALECTS.md field by field. The
+vendor answers 422 with the first problem and the list of every problem, so
+bodies are checked field by field against those schemas (`_check`) instead of
+stopping at the first error the way a plain decode does. Absent and null are
+kept apart (`UNSET` vs None): on identify an omitted field keeps the profile's
+value and an explicit null clears it.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply, retry_after_headers
+from gateway.model import Alias, Device, Event, ProfileUpdate, Record
+
+MB = 1024 * 1024
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Optional = str | None | UnsetType
+# Read once: validating a timezone must not touch the disk per request.
+TIMEZONES = frozenset(zoneinfo.available_timezones())
+
+
+class _Schema(msgspec.Struct):
+    """The vendor's field names are snake_case already; nothing is renamed."""
+
+    # At least one of anonymous_id / external_id must be a string.
+    needs_an_id: ClassVar[bool] = False
+
+
+class AliasBody(_Schema, kw_only=True):
+    anonymous_id: str
+    external_id: str
+
+
+class IdentifyBody(_Schema, kw_only=True, forbid_unknown_fields=True):
+    needs_an_id = True
+
+    anonymous_id: str | None = None
+    external_id: str | None = None
+    email: Optional = UNSET
+    phone: Optional = UNSET
+    timezone: Optional = UNSET
+    locale: Optional = UNSET
+    data: dict[str, Any] | None = None
+
+
+class UserBlock(_Schema, kw_only=True, forbid_unknown_fields=True):
+    email: Optional = UNSET
+    phone: Optional = UNSET
+    timezone: Optional = UNSET
+    locale: Optional = UNSET
+    data: dict[str, Any] | None = None
+
+
+class DeviceBody(_Schema, kw_only=True):
+    needs_an_id = True
+
+    anonymous_id: str | None = None
+    external_id: str | None = None
+    device_id: str
+    token: str | None = None
+    os: str
+    os_version: str | None = None
+    model: str
+    app_build: str
+    app_version: str
+
+
+class EventItem(_Schema, kw_only=True):
+    needs_an_id = True
+
+    name: NonEmpty
+    anonymous_id: str | None = None
+    external_id: str | None = None
+    data: dict[str, Any] | None = None
+    # The vendor's Android SDK sends its event data under this name.
+    properties: dict[str, Any] | None = None
+    user: UserBlock | None = None
+
+
+# Field types that are schemas of their own, checked under their own path.
+_NESTED: dict[Any, type[_Schema]] = {UserBlock | None: UserBlock}
+
+
+class ClientConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    max_body_bytes: int = MB
+
+
+def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]]:
+    """Every problem of `value` against `schema`, each prefixed by its path.
+
+    Field types are checked one by one with msgspec (so every bad field is
+    reported, not just the first); a nested schema is checked the same way
+    under its own path; then the checks msgspec cannot express: IANA time
+    zones and "anonymous_id or external_id".
+    """
+    prefix = f"{path}/" if path else ""
+    if type(value) is not dict:
+        return None, [f"{path or 'body'}: must be an object"]
+    problems: list[str] = []
+    known = set()
+    for field in msgspec.structs.fields(schema):
+        name = field.encode_name
+        known.add(name)
+        if name not in value:
+            if field.required:
+                problems.append(f"{prefix}{name}: is required")
+            continue
+        item = value[name]
+        nested = _NESTED.get(field.type)
+        if nested is not None and item is not None:
+            problems += _check(item, nested, prefix + name)[1]
+            continue
+        try:
+            msgspec.convert(item, field.type)
+        except msgspec.ValidationError as exc:
+            problems.append(f"{prefix}{name}: {_phrase(exc)}")
+            continue
+        if name == "timezone" and item is not None and item not in TIMEZONES:
+            problems.append(f"{prefix}timezone: not an IANA time zone name")
+    if schema.__struct_config__.forbid_unknown_fields:
+        problems += [f"{prefix}{key}: unknown field" for key in value if key not in known]
+    if schema.needs_an_id and value.get("anonymous_id") is None and value.get("external_id") is None:
+        problems.append(f"{prefix}external_id: anonymous_id or external_id is required")
+    if problems:
+        return None, problems
+    return msgspec.convert(value, schema), []
+
+
+def _phrase(exc: msgspec.ValidationError) -> str:
+    text, sep, where = str(exc).rpartition(" - at `")
+    if not sep:
+        return str(exc)
+    inner = where.rstrip("`").removeprefix("$").replace(".", "/").replace("[", "/").replace("]", "")
+    return f"{text} (at {inner.lstrip('/')})" if inner else text
+
+
+def _traits(block: IdentifyBody | UserBlock) -> ProfileUpdate:
+    """The profile changes of identify (or an event's user block): set and unset."""
+    set_: dict[str, Any] = {}
+    unset: list[str] = []
+    for field in ("email", "phone", "timezone", "locale"):
+        value = getattr(block, field)
+        if value is UNSET:
+            continue
+        if value is None:
+            unset.append("$" + field)
+        else:
+            set_["$" + field] = value
+    for key, value in (block.data or {}).items():
+        if value is None:
+            unset.append(key)
+        else:
+            set_[key] = value
+    return ProfileUpdate(project="", source="client", distinct_id="", time=0, set=set_, unset=unset, touch=True)
+
+
+def _person(anonymous_id: str | None, external_id: str | None) -> str:
+    """The id records belong to: the known id when there is one."""
+    person = external_id if external_id is not None else anonymous_id
+    assert person is not None  # _check has refused bodies without either
+    return person
+
+
+class Client(Dialect):
+    name = "client"
+    credential_field = "client_keys"
+    Config = ClientConfig
+
+    config: ClientConfig
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        limit = self.config.max_body_bytes
+        return tuple(
+            Endpoint(path=f"/api/client/{name}", name=name, max_body=limit)
+            for name in ("alias", "identify", "devices", "events")
+        )
+
+    def _project(self, request: Incoming) -> str | None:
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        return self.credentials.get(key.strip())
+
+    def translate(self, request: Incoming) -> Batch | Failure:
+        project = self._project(request)
+        if project is None:
+            return Failure(kind="unauthorized", message="Authorization error.")
+        try:
+            body = msgspec.json.decode(request.body)
+        except (msgspec.DecodeError, RecursionError):
+            return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
+        problems: list[str] = []
+        records = getattr(self, "_" + request.endpoint)(body, problems, request)
+        if problems:
+            return Failure(kind="invalid", message=problems[0], details=tuple(problems))
+        stamped = [_stamp(r, project, request.received_at) for r in records]
+        return Batch(records=stamped)
+
+    def _alias(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+        parsed, problems[:] = _check(body, AliasBody, "")
+        if parsed is None:
+            return []
+        return [Alias(project="", source=self.name, alias=parsed.anonymous_id, distinct_id=parsed.external_id)]
+
+    def _identify(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+        parsed, problems[:] = _check(body, IdentifyBody, "")
+        if parsed is None:
+            return []
+        person = _person(parsed.anonymous_id, parsed.external_id)
+        update = _traits(parsed)
+        return [*_links(parsed.anonymous_id, parsed.external_id), msgspec.structs.replace(update, distinct_id=person)]
+
+    def _devices(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+        parsed, problems[:] = _check(body, DeviceBody, "")
+        if parsed is None:
+            return []
+        person = _person(parsed.anonymous_id, parsed.external_id)
+        device = Device(
+            project="", source=self.name, distinct_id=person, device_id=parsed.device_id,
+            push_token=parsed.token, os=parsed.os, os_version=parsed.os_version, model=parsed.model,
+            app_build=parsed.app_build, app_version=parsed.app_version,
+        )
+        touch = ProfileUpdate(project="", source=self.name, distinct_id=person, time=0, touch=True)
+        return [*_links(parsed.anonymous_id, parsed.external_id), touch, device]
+
+    def _events(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+        if type(body) is not list:
+            problems.append("body: must be an array of events")
+            return []
+        if not body:
+            problems.append("body: must contain at least one event")
+            return []
+        records: list[Record] = []
+        for index, item in enumerate(body):
+            parsed, found = _check(item, EventItem, str(index))
+            problems += found
+            if parsed is None:
+                continue
+            person = _person(parsed.anonymous_id, parsed.external_id)
+            update = (
+                _traits(parsed.user)
+                if parsed.user is not None
+                else ProfileUpdate(project="", source=self.name, distinct_id="", time=0, touch=True)
+            )
+            data = parsed.data if parsed.data is not None else parsed.properties
+            records += _links(parsed.anonymous_id, parsed.external_id)
+            records.append(msgspec.structs.replace(update, distinct_id=person))
+            records.append(
+                Event(
+                    project="", source=self.name, name=parsed.name, distinct_id=person,
+                    anonymous_id=parsed.anonymous_id, user_id=parsed.external_id,
+                    time=request.received_at, received_at=request.received_at,
+                    properties=data or {}, context=_context(request),
+                )
+            )
+        return records
+
+    def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
+        if not isinstance(result, Failure):
+            return Reply(status=204, content_type=None)
+        if result.kind == "unauthorized":
+            return json_reply(401, {"status": "error", "error": "Authorization error.", "code": 1000})
+        status, message = {
+            "bad_request": (400, result.message),
+            "invalid": (422, result.message),
+            "too_large": (413, "body: request body too large (limit 1 MB)"),
+            "rate_limited": (429, "rate limited"),
+            "unavailable": (503, "service unavailable, retry later"),
+            "unstorable": (422, "body: the database refused this data"),
+        }[result.kind]
+        details = list(result.details) or [message]
+        return json_reply(
+            status, {"status": "error", "error": message, "details": details}, retry_after_headers(result)
+        )
+
+
+def _links(anonymous_id: str | None, external_id: str | None) -> list[Record]:
+    if anonymous_id is None or external_id is None or anonymous_id == external_id:
+        return []
+    return [Alias(project="", source="client", alias=anonymous_id, distinct_id=external_id)]
+
+
+def _stamp(record: Record, project: str, now: int) -> Record:
+    if type(record) is ProfileUpdate:
+        return msgspec.structs.replace(record, project=project, time=now)  # type: ignore[type-var]
+    return msgspec.structs.replace(record, project=project)  # type: ignore[type-var]
+
+
+def _context(request: Incoming) -> dict[str, Any]:
+    context: dict[str, Any] = {"ip": request.client_ip}
+    agent = request.headers.get("user-agent")
+    if agent:
+        context["user_agent"] = agent
+    return context
