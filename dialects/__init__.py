@@ -5,5 +5,6 @@ from __future__ import annotations
 from dialects.base import Dialect
 from dialects.client import Client
 from dialects.cohorly import Cohorly
+from dialects.inslytic import Inslytic
 
-REGISTRY: tuple[type[Dialect], ...] = (Cohorly, Client)
+REGISTRY: tuple[type[Dialect], ...] = (Cohorly, Client, Inslytic)

@@ -58,6 +58,10 @@ class Batch(msgspec.Struct, kw_only=True):
     records: list[Record] = []
     # Problems the caller is not told about (the quarantine).
     rejections: list[Rejection] = []
+    # For a per-project limit (`Dialect.project_limit`): whose budget, and
+    # how many tokens this request takes from it.
+    project: str | None = None
+    cost: int = 0
 
 
 class Failure(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,6 +92,13 @@ class SlidingWindow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     per_seconds: int
 
 
+class TokenBucket(msgspec.Struct, frozen=True):
+    """`capacity` tokens, all back `per_seconds` after the window opened."""
+
+    capacity: int
+    per_seconds: int = 60
+
+
 class Dialect:
     name: ClassVar[str]
     # The `[[projects]]` field holding this dialect's credentials.
@@ -95,15 +106,29 @@ class Dialect:
     # This dialect's `[dialects.<name>]` table; must have `enabled: bool`.
     Config: ClassVar[type[msgspec.Struct]]
 
-    def __init__(self, config: Any, credentials: Mapping[Any, str]) -> None:
+    # `[[projects]]` fields this dialect reads per project (e.g. a limit a
+    # project may override); handed over as `project_options[project][field]`.
+    project_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        config: Any,
+        credentials: Mapping[Any, str],
+        project_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.config = config
         self.credentials = credentials  # credential -> project name
+        self.project_options = project_options or {}
 
     def endpoints(self) -> Sequence[Endpoint]:
         raise NotImplementedError
 
     def ip_limit(self) -> SlidingWindow | None:
         """The per-client-IP limit shared by the endpoints marked ip_limited."""
+        return None
+
+    def project_limit(self, project: str) -> TokenBucket | None:
+        """The per-project budget a `Batch` with a cost draws from."""
         return None
 
     def translate(self, request: Incoming) -> Batch | Failure:

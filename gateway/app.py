@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from dialects import REGISTRY
 from gateway.admin import Admin
-from gateway.config import Settings, credentials_for
+from gateway.config import Settings, credentials_for, project_options
 from gateway.dedup import Dedup
 from gateway.http import ClientAddress, Cors, TrailingSlash
 from gateway.metrics import Metrics
@@ -51,7 +51,11 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         config = settings.dialect_config(dialect_class.name)
         if not config.enabled:
             continue
-        dialect = dialect_class(config, credentials_for(settings, dialect_class.credential_field))
+        dialect = dialect_class(
+            config,
+            credentials_for(settings, dialect_class.credential_field),
+            project_options(settings, dialect_class.project_fields),
+        )
         for endpoint in dialect.endpoints():
             routes.append(
                 Route(

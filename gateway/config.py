@@ -89,6 +89,8 @@ class ProjectConfig(_Base):
     client_keys: list[str] = []
     inslytic_keys: list[str] = []
     collect_sources: list[CollectSource] = []
+    # Overrides [dialects.inslytic] events_per_minute for this project.
+    inslytic_events_per_minute: int | None = None
 
     def __repr__(self) -> str:
         return f"ProjectConfig(name={self.name!r}, credentials=<masked>)"
@@ -250,6 +252,11 @@ def credentials_for(settings: Settings, field: str) -> dict[Any, str]:
             key = (item.site, item.token) if isinstance(item, CollectSource) else item
             table[key] = project.name
     return table
+
+
+def project_options(settings: Settings, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """project name -> {field: value} for the `[[projects]]` fields a dialect reads."""
+    return {p.name: {f: getattr(p, f) for f in fields} for p in settings.projects}
 
 
 def _mask_url(url: str) -> str:

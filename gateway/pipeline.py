@@ -4,6 +4,8 @@
    credentials nor the body, so it runs first)
 2. body: capped while reading, Content-Encoding undone with the same cap
 3. translation by the dialect: credentials -> project, validation, records
+3b. per-project limit (when the dialect has one), costed by the batch, so
+   refused and invalid requests cost nothing
 4. dedup fast path: one cache round trip for the batch's insert ids
 5. persist through the batched writer; the answer waits for the commit
 6. remember the newly committed insert ids
@@ -110,6 +112,13 @@ class Ingest:
         translated = self.dialect.translate(request)
         if isinstance(translated, Failure):
             return translated, request
+        if translated.cost and translated.project is not None:
+            bucket = self.dialect.project_limit(translated.project)
+            if bucket is not None:
+                wait = await services.limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
+                if wait:
+                    return Failure(kind="rate_limited", message="rate limited",
+                                   retry_after=retry_after_seconds(wait)), request
         return await self._store(translated), request
 
     async def _store(self, batch: Batch) -> Outcome | Failure:

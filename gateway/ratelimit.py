@@ -13,7 +13,7 @@ import math
 import os
 import time
 
-from dialects.base import SlidingWindow
+from dialects.base import SlidingWindow, TokenBucket
 from gateway.redislink import RedisLink
 
 # KEYS[1]: the window's sorted set. ARGV: limit, window ms, unique member.
@@ -33,6 +33,28 @@ return math.max(1, tonumber(oldest[2]) + window - now)
 """
 
 
+# KEYS[1]: the bucket's counter. ARGV: capacity, cost, window ms.
+# A missing key is a full bucket; taking from it opens a window that ends when
+# the key expires, and the bucket is full again for the next request.
+# Returns 0 when the cost was taken, else the milliseconds until the refill.
+_TOKEN_BUCKET = """
+local capacity = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local left = redis.call('GET', KEYS[1])
+if not left then
+  redis.call('SET', KEYS[1], capacity - cost, 'PX', tonumber(ARGV[3]))
+  return 0
+end
+if tonumber(left) >= cost then
+  redis.call('DECRBY', KEYS[1], cost)
+  return 0
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 1 then ttl = 1 end
+return ttl
+"""
+
+
 def retry_after_seconds(wait_ms: int) -> int:
     return max(1, math.ceil(wait_ms / 1000))
 
@@ -43,6 +65,8 @@ class LocalLimiter:
     def __init__(self) -> None:
         self._logs: dict[str, collections.deque[float]] = {}
         self._next_sweep = 0.0
+        # key -> (window end in monotonic ms, tokens left); one per project.
+        self._buckets: dict[str, tuple[float, int]] = {}
 
     async def sliding(self, key: str, window: SlidingWindow) -> int:
         now = time.monotonic() * 1000
@@ -58,6 +82,17 @@ class LocalLimiter:
             log.append(now)
             return 0
         return max(1, math.ceil(log[0] + length - now))
+
+    async def bucket(self, key: str, bucket: TokenBucket, cost: int) -> int:
+        now = time.monotonic() * 1000
+        ends, left = self._buckets.get(key, (0.0, 0))
+        if now >= ends:
+            ends, left = now + bucket.per_seconds * 1000, bucket.capacity
+        if left < cost:
+            self._buckets[key] = (ends, left)
+            return max(1, math.ceil(ends - now))
+        self._buckets[key] = (ends, left - cost)
+        return 0
 
     def _sweep(self, now: float, length: float) -> None:
         # Forget idle clients so the table does not grow with every IP seen.
@@ -75,6 +110,7 @@ class Limiter:
         self._link = link
         self._local = LocalLimiter()
         self._script = link.client.register_script(_SLIDING_WINDOW) if link else None
+        self._bucket = link.client.register_script(_TOKEN_BUCKET) if link else None
         self._nonce = itertools.count()
         self._pid = os.getpid()
 
@@ -90,6 +126,25 @@ class Limiter:
             wait = await self._script(
                 keys=[self._link.key("rl", "{" + key + "}")],
                 args=[window.requests, window.per_seconds * 1000, member],
+            )
+        except Exception as exc:
+            self._link.failed("rate limiting", exc)
+            return 0
+        self._link.succeeded()
+        return int(wait)
+
+    async def bucket(self, name: str, subject: str, bucket: TokenBucket, cost: int) -> int:
+        """Take `cost` tokens (capped at the capacity): 0, or ms until the refill."""
+        cost = min(cost, bucket.capacity)
+        key = f"{name}:{subject}"
+        if self._link is None or self._bucket is None:
+            return await self._local.bucket(key, bucket, cost)
+        if not self._link.usable:
+            return 0
+        try:
+            wait = await self._bucket(
+                keys=[self._link.key("tb", "{" + key + "}")],
+                args=[bucket.capacity, cost, bucket.per_seconds * 1000],
             )
         except Exception as exc:
             self._link.failed("rate limiting", exc)
