@@ -124,7 +124,7 @@ class Ingest:
     async def _store(self, batch: Batch) -> Outcome | Failure:
         services = self.services
         source = self.dialect.name
-        rejections = [r for r in batch.rejections if services.sampler.admit(r)]
+        rejections = [services.sampler.bound(r) for r in batch.rejections if services.sampler.admit(r)]
         for r in batch.rejections:
             services.metrics.inc("dialgate_rejections_total", dialect=source, reason=r.reason)
         records: list[Record] = batch.records

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from gateway.model import Rejection
 
 
@@ -29,5 +31,8 @@ class Sampler:
         self._counts[key] = seen + 1
         return seen < self._per_minute
 
-    def excerpt(self, body: bytes) -> str:
-        return body[: self._excerpt].decode("utf-8", "replace")
+    def bound(self, rejection: Rejection) -> Rejection:
+        """Cut the payload excerpt to the configured size."""
+        if len(rejection.excerpt) <= self._excerpt:
+            return rejection
+        return msgspec.structs.replace(rejection, excerpt=rejection.excerpt[: self._excerpt])

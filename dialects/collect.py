@@ -1,0 +1,259 @@
+"""The tc_s/token collect endpoint (DIALECTS.md, section collect).
+
+`POST /events` (one event) and `POST /events/batch` (`{"batch": [...]}`),
+also under `/cdp/`, plus the `GET /events` pixel. The vendor answers 200 to
+everything but invalid JSON and oversized requests, so whatever cannot be
+stored is not an error for the caller: it goes to the quarantine with a
+reason code. Batches are not atomic.
+
+Several payload generations are in the field; all are normalised here:
+- current: `event_name`, properties at the root, `user{id,
+  consistent_anonymous_id, traits...}`, `context{event_id, event_timestamp,
+  page, device, app}`;
+- 2026 tags: the same with `context{eventId, created (ISO), version: 2}`;
+- 2023 tags: `event`, `properties{..., user, url, created}`, `page`, `device`
+  and `eventId` at the root, `version: 1`.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply
+from gateway.model import Alias, Event, Record, Rejection
+
+KB = 1024
+# Root keys that are not properties: names, ids, time and context.
+_RESERVED = frozenset(
+    {"event_name", "event", "user", "context", "properties", "eventId", "event_id",
+     "event_timestamp", "created", "page", "device", "app", "version"}
+)
+# Root keys of the older generations that belong in context.
+_ROOT_CONTEXT = ("page", "device", "app", "version")
+_MAX_TIME_MS = 253_402_300_799_999
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+class CollectConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    enabled: bool = True
+    max_request_bytes: int = 32 * KB
+    max_batch_bytes: int = 500 * KB
+    max_event_bytes: int = 32 * KB  # per event of a batch, as compact JSON
+
+
+class Dropped(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _iso_ms(value: Any) -> int | None:
+    if type(value) is not str:
+        return None
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)  # tags send UTC
+    ms = int(moment.timestamp() * 1000)
+    return ms if 0 <= ms <= _MAX_TIME_MS else None
+
+
+def _ms(value: Any) -> int | None:
+    """event_timestamp: unix ms as an integer or a numeric string."""
+    if type(value) is str and value.strip().isdigit():
+        value = int(value.strip())
+    elif type(value) is float and value == value:
+        value = int(value)
+    if type(value) is int and 0 <= value <= _MAX_TIME_MS:
+        return value
+    return None
+
+
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+
+
+def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Query string in bracket notation -> nested dict; an index makes a list."""
+    root: dict[str, Any] = {}
+    for raw_key, value in query:
+        if raw_key in ("tc_s", "token"):
+            continue
+        head, _, rest = raw_key.partition("[")
+        parts = [head] + (_BRACKET.findall("[" + rest) if rest else [])
+        node: Any = root
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            following = parts[index + 1] if not last else None
+            make = (lambda: []) if following is not None and following.isdigit() else (lambda: {})
+            if isinstance(node, list):
+                slot = int(part) if part.isdigit() else len(node)
+                while len(node) <= slot:
+                    node.append(None)
+                if last:
+                    node[slot] = value
+                elif not isinstance(node[slot], (dict, list)):
+                    node[slot] = make()
+                node = node[slot] if not last else node
+            else:
+                if last:
+                    node[part] = value
+                elif not isinstance(node.get(part), (dict, list)):
+                    node[part] = make()
+                node = node[part] if not last else node
+    return root
+
+
+class Collect(Dialect):
+    name = "collect"
+    credential_field = "collect_sources"
+    Config = CollectConfig
+
+    config: CollectConfig
+
+    def endpoints(self) -> Sequence[Endpoint]:
+        single, batch = self.config.max_request_bytes, self.config.max_batch_bytes
+        endpoints = []
+        for prefix in ("", "/cdp"):
+            endpoints.append(Endpoint(path=f"{prefix}/events", name="event", methods=("GET", "POST"), max_body=single))
+            endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch))
+        return endpoints
+
+    def _project(self, request: Incoming) -> str | None:
+        query = dict(request.query)
+        token = query.get("token")
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            token = key.strip()
+        site = query.get("tc_s", "").strip()
+        if not token or not site.isdigit():
+            return None
+        return self.credentials.get((int(site), token))
+
+    def translate(self, request: Incoming) -> Batch | Failure:
+        if request.method == "GET":
+            body: Any = pixel_payload(request.query)
+            raw = _encode(body)
+        else:
+            try:
+                body = _decode(request.body)
+            except (msgspec.DecodeError, RecursionError):
+                return Failure(kind="bad_request", message="invalid JSON")
+            raw = request.body
+        project = self._project(request)
+        if project is None:
+            return Batch(rejections=[self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)])
+        if request.endpoint == "batch":
+            items = body.get("batch") if type(body) is dict else None
+            if type(items) is not list:
+                return Batch(rejections=[self._reject(project, "not_a_batch", "body has no batch array", raw, request)])
+        else:
+            items = [body]
+        batch = Batch()
+        for index, item in enumerate(items):
+            where = f"batch[{index}]: " if request.endpoint == "batch" else ""
+            try:
+                if request.endpoint == "batch" and len(encoded := _encode(item)) > self.config.max_event_bytes:
+                    raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
+                batch.records += self._event(item, project, request)
+            except Dropped as dropped:
+                excerpt = _encode(item) if request.endpoint == "batch" else raw
+                batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+        return batch
+
+    def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming) -> Rejection:
+        return Rejection(
+            project=project, source=self.name, reason=reason, detail=detail,
+            # The pipeline bounds the excerpt; credentials are never in a body.
+            excerpt=raw[:64 * KB].decode("utf-8", "replace"), received_at=request.received_at,
+        )
+
+    def _event(self, item: Any, project: str, request: Incoming) -> list[Record]:
+        if type(item) is not dict:
+            raise Dropped("not_an_event", "not a JSON object")
+        name = item.get("event_name", item.get("event"))
+        if type(name) is not str or not name:
+            raise Dropped("no_event_name", "no event_name")
+        context = item.get("context")
+        context = dict(context) if type(context) is dict else {}
+        for key in _ROOT_CONTEXT:
+            if key in item and key not in context:
+                context[key] = item[key]
+        nested = item.get("properties")
+        properties = {k: v for k, v in item.items() if k not in _RESERVED}
+        user = item.get("user")
+        created = item.get("created")
+        if type(nested) is dict:
+            # 2023 tags: properties in an object, with user and created inside.
+            properties.update({k: v for k, v in nested.items() if k not in ("user", "created")})
+            if user is None:
+                user = nested.get("user")
+            if created is None:
+                created = nested.get("created")
+        user = dict(user) if type(user) is dict else {}
+        page = context.get("page")
+        if type(page) is dict and "url" not in page and "location" in page:
+            context["page"] = {**page, "url": page["location"]}
+        event_id = context.get("event_id", context.get("eventId", item.get("event_id", item.get("eventId"))))
+        if type(event_id) in (int, float):
+            event_id = str(event_id)
+        insert_id = event_id if type(event_id) is str and 0 < len(event_id) <= 255 else None
+        time = _ms(context.get("event_timestamp", item.get("event_timestamp")))
+        if time is None:
+            time = _iso_ms(created if created is not None else context.get("created"))
+        if time is None:
+            time = request.received_at
+        device = context.get("device")
+        if not (type(device) is dict and device.get("ip")):
+            context["ip"] = request.client_ip
+        agent = request.headers.get("user-agent")
+        if agent and "user_agent" not in context:
+            context["user_agent"] = agent
+        user_id = _id(user.get("id"))
+        anonymous_id = _id(user.get("consistent_anonymous_id"))
+        if user:
+            context["user"] = user
+        records: list[Record] = []
+        if user_id is not None and anonymous_id is not None and user_id != anonymous_id:
+            records.append(Alias(project=project, source=self.name, alias=anonymous_id, distinct_id=user_id))
+        records.append(
+            Event(
+                project=project, source=self.name, name=name,
+                distinct_id=user_id if user_id is not None else anonymous_id,
+                anonymous_id=anonymous_id, user_id=user_id, time=time,
+                received_at=request.received_at, insert_id=insert_id,
+                properties=properties, context=context,
+            )
+        )
+        return records
+
+    def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
+        if isinstance(result, Failure):
+            if result.kind == "bad_request":
+                return json_reply(400, {"error": result.message})
+            if result.kind == "too_large":
+                return json_reply(400, {"error": "request too large"})
+            if result.kind == "unavailable":
+                # Storage is down: the one case where 200 would lose data.
+                return json_reply(503, {"error": "service unavailable"}, (("retry-after", str(result.retry_after or 5)),))
+        if request.method == "GET":
+            return Reply(status=200, body=PIXEL, content_type="image/gif", headers=(("cache-control", "no-store"),))
+        return json_reply(200, {"status": "ok"})
+
+
+def _id(value: Any) -> str | None:
+    if type(value) is str and value:
+        return value
+    if type(value) is int:
+        return str(value)
+    return None
