@@ -385,8 +385,25 @@ def main() -> int:
             proc.stop()
         asyncio.run(pg_admin(args.pg_dsn, "DROP DATABASE IF EXISTS dialgate_bench WITH (FORCE)"))
         shutil.rmtree(work, ignore_errors=True)
+        forget_redis_keys(args.redis_url)
     report(rows, ceilings)
     return 0
+
+
+def forget_redis_keys(url: str) -> None:
+    """The run's dedup and limit keys would otherwise live for a day."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    batch = []
+    for key in client.scan_iter(match=f"dialgate-bench-{NONCE}:*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            client.delete(*batch)
+            batch = []
+    if batch:
+        client.delete(*batch)
+    client.close()
 
 
 def soak_wrk(url: str, seconds: float) -> dict:

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply
-from gateway.model import Alias, Event, Record, Rejection
+from gateway.model import MAX_ID_LENGTH, Alias, Event, Record, Rejection
 
 KB = 1024
 # Root keys that are not properties: names, ids, time and context.
@@ -65,13 +65,15 @@ def _iso_ms(value: Any) -> int | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)  # tags send UTC
-    ms = int(moment.timestamp() * 1000)
+    # Exact integer arithmetic: timestamp() * 1000 is a float and can land
+    # 1 ms early (2004-09-27T11:29:40.238Z gave ...237).
+    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(milliseconds=1)
     return ms if 0 <= ms <= _MAX_TIME_MS else None
 
 
 def _ms(value: Any) -> int | None:
     """event_timestamp: unix ms as an integer or a numeric string."""
-    if type(value) is str and value.strip().isdigit():
+    if type(value) is str and _digits(value.strip(), 20):
         value = int(value.strip())
     elif type(value) is float and value == value:
         value = int(value)
@@ -80,12 +82,21 @@ def _ms(value: Any) -> int | None:
     return None
 
 
+def _digits(text: str, most: int) -> bool:
+    """ASCII digits only, and few: str.isdigit() accepts "²", which int()
+    refuses, and int() refuses strings of more than 4300 digits."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()
+
+
 _BRACKET = re.compile(r"\[([^\]]*)\]")
 
 
 def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Query string in bracket notation -> nested dict; an index makes a list."""
     root: dict[str, Any] = {}
+    # Empty slots a sparse index may create, over the whole query: items[9999999999]
+    # must not build a list of that length. Past the budget an index appends.
+    spare = len(query)
     for raw_key, value in query:
         if raw_key in ("tc_s", "token"):
             continue
@@ -95,9 +106,12 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             following = parts[index + 1] if not last else None
-            make = (lambda: []) if following is not None and following.isdigit() else (lambda: {})
+            make = (lambda: []) if following is not None and _digits(following, 9) else (lambda: {})
             if isinstance(node, list):
-                slot = int(part) if part.isdigit() else len(node)
+                slot = int(part) if _digits(part, 9) else len(node)
+                if slot - len(node) > spare:
+                    slot = len(node)
+                spare -= max(0, slot - len(node))
                 while len(node) <= slot:
                     node.append(None)
                 if last:
@@ -214,13 +228,15 @@ class Collect(Dialect):
         if time is None:
             time = request.received_at
         device = context.get("device")
-        if not (type(device) is dict and device.get("ip")):
+        if not (type(device) is dict and device.get("ip")) and not context.get("ip"):
             context["ip"] = request.client_ip
         agent = request.headers.get("user-agent")
         if agent and "user_agent" not in context:
             context["user_agent"] = agent
         user_id = _id(user.get("id"))
         anonymous_id = _id(user.get("consistent_anonymous_id"))
+        if any(v is not None and len(v) > MAX_ID_LENGTH for v in (user_id, anonymous_id)):
+            raise Dropped("id_too_long", f"user id longer than {MAX_ID_LENGTH} characters")
         if user:
             context["user"] = user
         records: list[Record] = []

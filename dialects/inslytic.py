@@ -11,10 +11,12 @@ cost nothing.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from dialects.base import (
     Batch,
@@ -47,13 +49,20 @@ _CONTEXT_FIELDS = {
 _decode = msgspec.json.Decoder().decode
 _as_datetime = msgspec.json.Decoder(dt.datetime).decode
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+# ISO 8601 date-time with a zone, extended or basic format; anything looser
+# (other separators, seconds in the offset) is not a timestamp.
+_ISO = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}([.,]\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)"  # extended
+    r"|\d{8}T\d{4}(\d{2}([.,]\d+)?)?(Z|[+-]\d{2}(\d{2})?)",  # basic
+    re.ASCII | re.IGNORECASE,
+)
 
 
 class InslyticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     # Per project; `inslytic_events_per_minute` in [[projects]] overrides it.
-    events_per_minute: int = 1000
-    max_events: int = MAX_EVENTS
+    events_per_minute: Annotated[int, Meta(ge=1)] = 1000
+    max_events: Annotated[int, Meta(ge=1)] = MAX_EVENTS
     max_body_bytes: int = 5 * MB
 
 
@@ -63,6 +72,10 @@ def unix_ms(value: str) -> int | None:
         # msgspec's RFC 3339 parser first: it is the shape SDKs send, and fast.
         moment = _as_datetime(b'"' + value.encode() + b'"')
     except (msgspec.DecodeError, UnicodeEncodeError):
+        # Other ISO 8601 forms, strictly: fromisoformat alone is lenient
+        # (any separator, and it stops reading at a NUL).
+        if not _ISO.fullmatch(value):
+            return None
         try:
             moment = dt.datetime.fromisoformat(value)
         except ValueError:
@@ -88,7 +101,8 @@ class Inslytic(Dialect):
 
     def project_limit(self, project: str) -> TokenBucket | None:
         override = self.project_options.get(project, {}).get("inslytic_events_per_minute")
-        return TokenBucket(capacity=override or self.config.events_per_minute, per_seconds=60)
+        capacity = override if override is not None else self.config.events_per_minute
+        return TokenBucket(capacity=capacity, per_seconds=60)
 
     def translate(self, request: Incoming) -> Batch | Failure:
         if request.endpoint == "health":

@@ -46,7 +46,9 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     state = State()
     state.metrics = metrics
 
-    routes: list[Route] = []
+    # path -> (methods, app): the ingestion routes, dispatched by exact path
+    # ahead of Starlette's stack (this is the hot path; admin goes through it).
+    ingestion: dict[str, tuple[frozenset[str], Any]] = {}
     for dialect_class in REGISTRY:
         config = settings.dialect_config(dialect_class.name)
         if not config.enabled:
@@ -57,15 +59,10 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             project_options(settings, dialect_class.project_fields),
         )
         for endpoint in dialect.endpoints():
-            routes.append(
-                Route(
-                    endpoint.path,
-                    Cors(Ingest(dialect, endpoint, services)),
-                    methods=[*endpoint.methods, "OPTIONS"],
-                )
-            )
+            methods = frozenset((*endpoint.methods, "OPTIONS"))
+            ingestion[endpoint.path] = (methods, Cors(Ingest(dialect, endpoint, services)))
     admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state)
-    routes += admin.routes()
+    routes: list[Route] = admin.routes()
     should_migrate = settings.storage.migrate_on_start if migrate is None else migrate
 
     @contextlib.asynccontextmanager
@@ -104,4 +101,27 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
     app.state.dialgate = state
-    return TrailingSlash(app)
+    return TrailingSlash(Dispatch(ingestion, app))
+
+
+class Dispatch:
+    """Exact-path routing for the ingestion endpoints; the rest to `fallback`."""
+
+    def __init__(self, routes: dict[str, tuple[frozenset[str], Any]], fallback: Any) -> None:
+        self.routes = routes
+        self.fallback = fallback
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.fallback(scope, receive, send)
+            return
+        methods, app = route
+        if scope["method"] in methods:
+            await app(scope, receive, send)
+            return
+        allow = ", ".join(sorted(methods)).encode()
+        await send({"type": "http.response.start", "status": 405,
+                    "headers": [(b"allow", allow), (b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", b"18")]})
+        await send({"type": "http.response.body", "body": b"Method Not Allowed"})

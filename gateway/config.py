@@ -13,9 +13,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from dialects import REGISTRY
 
@@ -90,7 +91,7 @@ class ProjectConfig(_Base):
     inslytic_keys: list[str] = []
     collect_sources: list[CollectSource] = []
     # Overrides [dialects.inslytic] events_per_minute for this project.
-    inslytic_events_per_minute: int | None = None
+    inslytic_events_per_minute: Annotated[int, Meta(ge=1)] | None = None
 
     def __repr__(self) -> str:
         return f"ProjectConfig(name={self.name!r}, credentials=<masked>)"

@@ -11,6 +11,20 @@ from typing import Any, Literal
 import msgspec
 
 
+# Ids (distinct, anonymous, user, device, insert ids) are indexed; an index
+# entry must stay small on every backend, so longer ids are refused.
+MAX_ID_LENGTH = 1024
+
+
+def long_id(record: Any) -> str | None:
+    """The name of the first id field of `record` over MAX_ID_LENGTH, if any."""
+    for field in _ID_FIELDS.get(type(record), ()):
+        value = getattr(record, field)
+        if value is not None and len(value) > MAX_ID_LENGTH:
+            return field
+    return None
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True):
     project: str
     source: str
@@ -88,3 +102,11 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
 Record = Event | ProfileUpdate | Alias | Device
 
 AliasOutcome = Literal["linked", "exists", "self", "conflict", "cycle"]
+
+
+_ID_FIELDS: dict[type, tuple[str, ...]] = {
+    Event: ("distinct_id", "anonymous_id", "user_id", "insert_id"),
+    ProfileUpdate: ("distinct_id",),
+    Alias: ("alias", "distinct_id"),
+    Device: ("distinct_id", "device_id"),
+}

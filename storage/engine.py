@@ -30,7 +30,7 @@ def backend_of(url: str) -> Backend:
 _NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def _json_dumps(value: Any) -> str:
+def json_text(value: Any) -> str:
     text = msgspec.json.encode(value).decode()
     if "u0000" in text:
         # PostgreSQL's jsonb refuses U+0000; every backend stores U+FFFD in its
@@ -40,7 +40,7 @@ def _json_dumps(value: Any) -> str:
 
 
 # msgspec instead of the stdlib json module: JSON columns are on the hot path.
-JSON_CODEC = {"json_serializer": _json_dumps, "json_deserializer": msgspec.json.decode}
+JSON_CODEC = {"json_serializer": json_text, "json_deserializer": msgspec.json.decode}
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -94,8 +94,9 @@ def _postgresql(url: str) -> AsyncEngine:
         # API and readiness checks.
         pool_size=5,
         max_overflow=5,
-        # Drop connections that died while idle (a restarted server) before use.
-        pool_pre_ping=True,
+        # No pre-ping (a round trip per transaction on the hot path): a dead
+        # connection fails its flush, is invalidated, and the writer retries
+        # the group once on a fresh one.
         connect_args={
             # Fail fast when the server is down so clients get a 503 quickly.
             "timeout": 5,

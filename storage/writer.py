@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Alias, AliasOutcome, Device, Event, ProfileUpdate, Record, Rejection
 from storage import tables
-from storage.engine import Backend, backend_of
+from storage.engine import Backend, backend_of, json_text
 from storage.profiles import apply_update
 
 log = logging.getLogger("dialgate.writer")
@@ -152,10 +152,15 @@ class Writer:
                 for pending in group:
                     _fail(pending, StorageUnavailable("internal error"))
 
-    async def _flush(self, group: list[_Pending]) -> None:
+    async def _flush(self, group: list[_Pending], *, retried: bool = False) -> None:
         try:
             results = await self._write(group)
         except Exception as exc:
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated and not retried:
+                # A pooled connection died while idle (say, the server
+                # restarted): nothing was written; try once on a fresh one.
+                await self._flush(group, retried=True)
+                return
             if is_unavailable(exc):
                 log.warning("database unavailable: %s", _short(exc))
                 for pending in group:
@@ -218,6 +223,28 @@ def _insert(backend: Backend, table: Any) -> Any:
     assert_never(backend)
 
 
+_EVENT_COLUMNS = (
+    "project, source, name, distinct_id, anonymous_id, user_id, time, received_at, "
+    "insert_id, session_id, properties, context, consent"
+)
+# One statement for any batch size: the columns travel as arrays.
+_PG_INSERT = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) "
+    "SELECT p, s, n, d, a, u, t, r, i, ss, props::jsonb, ctx::jsonb, c FROM unnest("
+    "$1::varchar[], $2::varchar[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], "
+    "$8::bigint[], $9::varchar[], $10::text[], $11::text[], $12::text[], $13::boolean[]"
+    ") AS t(p, s, n, d, a, u, t, r, i, ss, props, ctx, c) "
+    "ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
+)
+_SQLITE_ROW = "(" + ",".join("?" * 13) + ")"
+_SQLITE_INSERT = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
+    "ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
+)
+# SQLite allows 32766 bound values per statement: 2000 rows of 13.
+_SQLITE_ROWS = 2000
+
+
 def clean(text_: str | None) -> str | None:
     """U+0000 -> U+FFFD in text columns: PostgreSQL's text type refuses NUL,
     and both backends must store the same thing."""
@@ -257,7 +284,7 @@ class _Transaction:
         self._dirty: set[tuple[str, str]] = set()
 
     async def events(self, group: list[_Pending], results: list[Written]) -> None:
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         owner: dict[tuple[str, str, str], int] = {}
         for index, (pending, written) in enumerate(zip(group, results)):
             for record in pending.records:
@@ -273,41 +300,53 @@ class _Transaction:
                 else:
                     written.inserted += 1
                 rows.append(
-                    {
-                        "project": event.project,
-                        "source": event.source,
-                        "name": clean(event.name),
-                        "distinct_id": clean(event.distinct_id),
-                        "anonymous_id": clean(event.anonymous_id),
-                        "user_id": clean(event.user_id),
-                        "time": event.time,
-                        "received_at": event.received_at,
-                        "insert_id": clean(event.insert_id),
-                        "session_id": clean(event.session_id),
-                        "properties": event.properties,
-                        "context": event.context,
-                        "consent": event.consent,
-                    }
+                    (
+                        event.project,
+                        event.source,
+                        clean(event.name),
+                        clean(event.distinct_id),
+                        clean(event.anonymous_id),
+                        clean(event.user_id),
+                        event.time,
+                        event.received_at,
+                        clean(event.insert_id),
+                        clean(event.session_id),
+                        json_text(event.properties),
+                        json_text(event.context),
+                        event.consent,
+                    )
                 )
         if not rows:
             return
-        t = tables.events
-        if not owner:
-            await self.conn.execute(t.insert(), rows)
-            return
-        stmt = (
-            _insert(self.backend, t)
-            .on_conflict_do_nothing(index_elements=["project", "source", "insert_id"])
-            .returning(t.c.project, t.c.source, t.c.insert_id)
-        )
-        stored = await self.conn.execute(stmt, rows)
-        new = {(p, s, i) for p, s, i in stored.all() if i is not None}
+        stored = await self._insert_events(rows)
         for key, index in owner.items():
-            if key in new:
+            if key in stored:
                 results[index].inserted += 1
                 results[index].new_keys.append(key)
             else:
                 results[index].duplicates += 1
+
+    async def _insert_events(self, rows: list[tuple[Any, ...]]) -> set[tuple[str, str, str]]:
+        """Bulk insert, skipping known insert ids; returns the keys stored.
+
+        Driver-level SQL: the same statement for every batch, nothing for
+        SQLAlchemy to compile per row (this is the hot path).
+        """
+        stored: set[tuple[str, str, str]] = set()
+        if self.backend is Backend.POSTGRESQL:
+            columns = list(zip(*rows))
+            result = await self.conn.exec_driver_sql(_PG_INSERT, tuple(columns))
+            stored.update((p, s, i) for p, s, i in result.all() if i is not None)
+        elif self.backend is Backend.SQLITE:
+            for start in range(0, len(rows), _SQLITE_ROWS):
+                chunk = rows[start : start + _SQLITE_ROWS]
+                sql = _SQLITE_INSERT.format(values=",".join([_SQLITE_ROW] * len(chunk)))
+                flat = tuple(value for row in chunk for value in row)
+                result = await self.conn.exec_driver_sql(sql, flat)
+                stored.update((p, s, i) for p, s, i in result.all() if i is not None)
+        else:
+            assert_never(self.backend)
+        return stored
 
     async def lock_projects(self, group: list[_Pending]) -> None:
         if self.backend is not Backend.POSTGRESQL:
@@ -423,12 +462,12 @@ class _Transaction:
             "device_id": clean(record.device_id),
             "distinct_id": clean(record.distinct_id),
             "source": record.source,
-            "push_token": record.push_token,
-            "os": record.os,
-            "os_version": record.os_version,
-            "model": record.model,
-            "app_build": record.app_build,
-            "app_version": record.app_version,
+            "push_token": clean(record.push_token),
+            "os": clean(record.os),
+            "os_version": clean(record.os_version),
+            "model": clean(record.model),
+            "app_build": clean(record.app_build),
+            "app_version": clean(record.app_version),
             "updated_at": self.now,
         }
         stmt = _insert(self.backend, d).values(**values)

@@ -17,7 +17,8 @@ import pytest
 
 CI = os.environ.get("CI", "").lower() == "true"
 PG_ADMIN_DSN = os.environ.get("DIALGATE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("DIALGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Not db 0: keep the tests' keys apart from a gateway or benchmark on the same server.
+REDIS_URL = os.environ.get("DIALGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 
 
 def unreachable(what: str, why: str) -> None:
