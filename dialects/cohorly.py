@@ -28,12 +28,11 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
-from gateway.model import Alias, Event, ProfileUpdate, Record
+from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
 # Unix ms up to the end of year 9999: anything larger is not a time.
 MAX_TIME_MS = 253_402_300_799_999
-MAX_INSERT_ID = 255
 
 # Lifted into canonical fields or credentials: never kept in properties.
 _LIFTED = frozenset({"distinct_id", "time", "$insert_id", "token"})

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply
-from gateway.model import MAX_ID_LENGTH, Alias, Event, Record, Rejection
+from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
 # Root keys that are not properties: names, ids, time and context.
@@ -221,7 +221,7 @@ class Collect(Dialect):
         event_id = context.get("event_id", context.get("eventId", item.get("event_id", item.get("eventId"))))
         if type(event_id) in (int, float):
             event_id = str(event_id)
-        insert_id = event_id if type(event_id) is str and 0 < len(event_id) <= 255 else None
+        insert_id = event_id if type(event_id) is str and event_id else None
         time = _ms(context.get("event_timestamp", item.get("event_timestamp")))
         if time is None:
             time = _iso_ms(created if created is not None else context.get("created"))
@@ -235,27 +235,29 @@ class Collect(Dialect):
             context["user_agent"] = agent
         user_id = _id(user.get("id"))
         anonymous_id = _id(user.get("consistent_anonymous_id"))
-        if any(v is not None and len(v) > MAX_ID_LENGTH for v in (user_id, anonymous_id)):
-            raise Dropped("id_too_long", f"user id longer than {MAX_ID_LENGTH} characters")
         if user:
             context["user"] = user
         records: list[Record] = []
         if user_id is not None and anonymous_id is not None and user_id != anonymous_id:
             records.append(Alias(project=project, source=self.name, alias=anonymous_id, distinct_id=user_id))
-        records.append(
-            Event(
-                project=project, source=self.name, name=name,
-                distinct_id=user_id if user_id is not None else anonymous_id,
-                anonymous_id=anonymous_id, user_id=user_id, time=time,
-                received_at=request.received_at, insert_id=insert_id,
-                properties=properties, context=context,
-            )
+        event = Event(
+            project=project, source=self.name, name=name,
+            distinct_id=user_id if user_id is not None else anonymous_id,
+            anonymous_id=anonymous_id, user_id=user_id, time=time,
+            received_at=request.received_at, insert_id=insert_id,
+            properties=properties, context=context,
         )
+        if (field := long_id(event)) is not None:
+            # Stored without its key, a retry would be stored twice.
+            raise Dropped("id_too_long", f"{field} over its limit")
+        records.append(event)
         return records
 
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         if isinstance(result, Failure):
-            if result.kind == "bad_request":
+            if result.kind in ("bad_request", "invalid", "unstorable"):
+                # Unstorable: what the database refused is answered like
+                # invalid input (README), never a 200 for data not kept.
                 return json_reply(400, {"error": result.message})
             if result.kind == "too_large":
                 return json_reply(400, {"error": "request too large"})

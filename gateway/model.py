@@ -11,17 +11,28 @@ from typing import Any, Literal
 import msgspec
 
 
-# Ids (distinct, anonymous, user, device, insert ids) are indexed; an index
-# entry must stay small on every backend, so longer ids are refused.
-MAX_ID_LENGTH = 1024
+# Ids (distinct, anonymous, user, device ids) are indexed, and an index entry
+# must stay small on every backend (PostgreSQL counts bytes), so ids over
+# this many UTF-8 bytes are refused.
+MAX_ID_BYTES = 1024
+# Insert ids (idempotency keys): characters, the width of their column.
+MAX_INSERT_ID = 255
+
+
+def _too_long(value: str) -> bool:
+    # At most 4 bytes a character: short strings need no encoding.
+    return len(value) > MAX_ID_BYTES // 4 and len(value.encode("utf-8", "surrogatepass")) > MAX_ID_BYTES
 
 
 def long_id(record: Any) -> str | None:
-    """The name of the first id field of `record` over MAX_ID_LENGTH, if any."""
+    """The name of the first id field of `record` over its limit, if any."""
     for field in _ID_FIELDS.get(type(record), ()):
         value = getattr(record, field)
-        if value is not None and len(value) > MAX_ID_LENGTH:
+        if value is not None and _too_long(value):
             return field
+    insert_id = getattr(record, "insert_id", None)
+    if insert_id is not None and len(insert_id) > MAX_INSERT_ID:
+        return "insert_id"
     return None
 
 
@@ -105,7 +116,7 @@ AliasOutcome = Literal["linked", "exists", "self", "conflict", "cycle"]
 
 
 _ID_FIELDS: dict[type, tuple[str, ...]] = {
-    Event: ("distinct_id", "anonymous_id", "user_id", "insert_id"),
+    Event: ("distinct_id", "anonymous_id", "user_id"),
     ProfileUpdate: ("distinct_id",),
     Alias: ("alias", "distinct_id"),
     Device: ("distinct_id", "device_id"),

@@ -24,7 +24,7 @@ from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, 
 from gateway.dedup import Dedup, Key
 from gateway.http import BadEncoding, BodyReader, ClientAddress, ClientGone, TooLarge, decode_body, header_dict
 from gateway.metrics import Metrics
-from gateway.model import MAX_ID_LENGTH, Event, Record, long_id
+from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, long_id
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter, retry_after_seconds
 from storage.writer import StorageUnavailable, Unstorable, Writer
@@ -114,8 +114,9 @@ class Ingest:
             return translated, request
         for record in translated.records:
             if (field := long_id(record)) is not None:
-                return Failure(kind="invalid", message=f"{field} is longer than {MAX_ID_LENGTH} characters",
-                               details=(f"{field}: longer than {MAX_ID_LENGTH} characters",)), request
+                limit = f"{MAX_INSERT_ID} characters" if field == "insert_id" else f"{MAX_ID_BYTES} bytes"
+                return Failure(kind="invalid", message=f"{field} is longer than {limit}",
+                               details=(f"{field}: longer than {limit}",)), request
         if translated.cost and translated.project is not None:
             bucket = self.dialect.project_limit(translated.project)
             if bucket is not None:

@@ -32,7 +32,12 @@ class Sampler:
         return seen < self._per_minute
 
     def bound(self, rejection: Rejection) -> Rejection:
-        """Cut the payload excerpt to the configured size."""
-        if len(rejection.excerpt) <= self._excerpt:
+        """Cut the payload excerpt to the configured size in UTF-8 bytes."""
+        if len(rejection.excerpt) * 4 <= self._excerpt:
             return rejection
-        return msgspec.structs.replace(rejection, excerpt=rejection.excerpt[: self._excerpt])
+        raw = rejection.excerpt.encode("utf-8", "replace")
+        if len(raw) <= self._excerpt:
+            return rejection
+        # Never split a character: drop a partial one at the cut.
+        cut = raw[: self._excerpt].decode("utf-8", "ignore")
+        return msgspec.structs.replace(rejection, excerpt=cut)

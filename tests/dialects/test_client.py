@@ -1082,14 +1082,16 @@ async def test_cors_origin_is_echoed_on_every_response_errors_included(backend) 
 
 
 async def test_ids_longer_than_the_limit_are_refused_on_every_backend(backend) -> None:
-    from gateway.model import MAX_ID_LENGTH
+    from gateway.model import MAX_ID_BYTES
 
     async with gateway(settings_for(backend)) as client:
-        long_id = "x" * (MAX_ID_LENGTH + 1)
-        reply = await client.post("/api/client/identify", headers={"Authorization": "Bearer pk_shop"},
-                                  json={"external_id": long_id, "email": "a@b.c"})
-        assert reply.status_code == 422
-        assert reply.json()["error"] == f"distinct_id is longer than {MAX_ID_LENGTH} characters"
-        ok = await client.post("/api/client/identify", headers={"Authorization": "Bearer pk_shop"},
-                               json={"external_id": "x" * MAX_ID_LENGTH, "email": "a@b.c"})
-        assert ok.status_code == 204
+        # 257 four-byte characters: 1,028 bytes, over the limit though short in characters.
+        for long_id in ("x" * (MAX_ID_BYTES + 1), "\U00020000" * 257):
+            reply = await client.post("/api/client/identify", headers={"Authorization": "Bearer pk_shop"},
+                                      json={"external_id": long_id, "email": "a@b.c"})
+            assert reply.status_code == 422
+            assert reply.json()["error"] == f"distinct_id is longer than {MAX_ID_BYTES} bytes"
+        for fits in ("x" * MAX_ID_BYTES, "\U00020000" * 256):
+            ok = await client.post("/api/client/identify", headers={"Authorization": "Bearer pk_shop"},
+                                   json={"external_id": fits, "email": "a@b.c"})
+            assert ok.status_code == 204
