@@ -144,7 +144,7 @@ def wrk(url: str, scenario: Scenario, seconds: float, nonce: str, pace_ms: int =
         f.write(script)
     conns = connections or scenario.connections
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "-s", f.name, url],
+        ["wrk", "-t2", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", f.name, url],
         capture_output=True, text=True, check=True,
     ).stdout
     os.unlink(f.name)

@@ -11,6 +11,7 @@ value and an explicit null clears it.
 
 from __future__ import annotations
 
+import functools
 import zoneinfo
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar
@@ -95,6 +96,12 @@ class ClientConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     max_body_bytes: int = MB
 
 
+@functools.cache
+def _fields(schema: type[_Schema]) -> tuple[msgspec.structs.FieldInfo, ...]:
+    # Resolving a Struct's annotations is costly: once per schema, not per event.
+    return msgspec.structs.fields(schema)
+
+
 def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]]:
     """Every problem of `value` against `schema`, each prefixed by its path.
 
@@ -108,7 +115,7 @@ def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]
         return None, [f"{path or 'body'}: must be an object"]
     problems: list[str] = []
     known = set()
-    for field in msgspec.structs.fields(schema):
+    for field in _fields(schema):
         name = field.encode_name
         known.add(name)
         if name not in value:
@@ -144,7 +151,7 @@ def _phrase(exc: msgspec.ValidationError) -> str:
     return f"{text} (at {inner.lstrip('/')})" if inner else text
 
 
-def _traits(block: IdentifyBody | UserBlock) -> ProfileUpdate:
+def _traits(block: IdentifyBody | UserBlock, project: str, person: str, now: int) -> ProfileUpdate:
     """The profile changes of identify (or an event's user block): set and unset."""
     set_: dict[str, Any] = {}
     unset: list[str] = []
@@ -161,7 +168,9 @@ def _traits(block: IdentifyBody | UserBlock) -> ProfileUpdate:
             unset.append(key)
         else:
             set_[key] = value
-    return ProfileUpdate(project="", source="client", distinct_id="", time=0, set=set_, unset=unset, touch=True)
+    return ProfileUpdate(
+        project=project, source="client", distinct_id=person, time=now, set=set_, unset=unset, touch=True
+    )
 
 
 def _person(anonymous_id: str | None, external_id: str | None) -> str:
@@ -200,40 +209,42 @@ class Client(Dialect):
         except (msgspec.DecodeError, RecursionError):
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
         problems: list[str] = []
-        records = getattr(self, "_" + request.endpoint)(body, problems, request)
+        records = getattr(self, "_" + request.endpoint)(body, problems, request, project)
         if problems:
             return Failure(kind="invalid", message=problems[0], details=tuple(problems))
-        stamped = [_stamp(r, project, request.received_at) for r in records]
-        return Batch(records=stamped)
+        return Batch(records=records)
 
-    def _alias(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+    def _alias(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
         parsed, problems[:] = _check(body, AliasBody, "")
         if parsed is None:
             return []
-        return [Alias(project="", source=self.name, alias=parsed.anonymous_id, distinct_id=parsed.external_id)]
+        return [Alias(project=project, source=self.name, alias=parsed.anonymous_id, distinct_id=parsed.external_id)]
 
-    def _identify(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+    def _identify(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
         parsed, problems[:] = _check(body, IdentifyBody, "")
         if parsed is None:
             return []
         person = _person(parsed.anonymous_id, parsed.external_id)
-        update = _traits(parsed)
-        return [*_links(parsed.anonymous_id, parsed.external_id), msgspec.structs.replace(update, distinct_id=person)]
+        return [
+            *_links(project, parsed.anonymous_id, parsed.external_id),
+            _traits(parsed, project, person, request.received_at),
+        ]
 
-    def _devices(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+    def _devices(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
         parsed, problems[:] = _check(body, DeviceBody, "")
         if parsed is None:
             return []
         person = _person(parsed.anonymous_id, parsed.external_id)
         device = Device(
-            project="", source=self.name, distinct_id=person, device_id=parsed.device_id,
+            project=project, source=self.name, distinct_id=person, device_id=parsed.device_id,
             push_token=parsed.token, os=parsed.os, os_version=parsed.os_version, model=parsed.model,
             app_build=parsed.app_build, app_version=parsed.app_version,
         )
-        touch = ProfileUpdate(project="", source=self.name, distinct_id=person, time=0, touch=True)
-        return [*_links(parsed.anonymous_id, parsed.external_id), touch, device]
+        touch = ProfileUpdate(project=project, source=self.name, distinct_id=person,
+                              time=request.received_at, touch=True)
+        return [*_links(project, parsed.anonymous_id, parsed.external_id), touch, device]
 
-    def _events(self, body: Any, problems: list[str], request: Incoming) -> list[Record]:
+    def _events(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
         if type(body) is not list:
             problems.append("body: must be an array of events")
             return []
@@ -241,26 +252,28 @@ class Client(Dialect):
             problems.append("body: must contain at least one event")
             return []
         records: list[Record] = []
+        touched: set[str] = set()  # one profile touch per person is enough
+        context = _context(request)
         for index, item in enumerate(body):
             parsed, found = _check(item, EventItem, str(index))
             problems += found
             if parsed is None:
                 continue
             person = _person(parsed.anonymous_id, parsed.external_id)
-            update = (
-                _traits(parsed.user)
-                if parsed.user is not None
-                else ProfileUpdate(project="", source=self.name, distinct_id="", time=0, touch=True)
-            )
             data = parsed.data if parsed.data is not None else parsed.properties
-            records += _links(parsed.anonymous_id, parsed.external_id)
-            records.append(msgspec.structs.replace(update, distinct_id=person))
+            records += _links(project, parsed.anonymous_id, parsed.external_id)
+            if parsed.user is not None:
+                records.append(_traits(parsed.user, project, person, request.received_at))
+            elif person not in touched:
+                records.append(ProfileUpdate(project=project, source=self.name, distinct_id=person,
+                                             time=request.received_at, touch=True))
+            touched.add(person)
             records.append(
                 Event(
-                    project="", source=self.name, name=parsed.name, distinct_id=person,
+                    project=project, source=self.name, name=parsed.name, distinct_id=person,
                     anonymous_id=parsed.anonymous_id, user_id=parsed.external_id,
                     time=request.received_at, received_at=request.received_at,
-                    properties=data or {}, context=_context(request),
+                    properties=data or {}, context=context,
                 )
             )
         return records
@@ -284,16 +297,10 @@ class Client(Dialect):
         )
 
 
-def _links(anonymous_id: str | None, external_id: str | None) -> list[Record]:
+def _links(project: str, anonymous_id: str | None, external_id: str | None) -> list[Record]:
     if anonymous_id is None or external_id is None or anonymous_id == external_id:
         return []
-    return [Alias(project="", source="client", alias=anonymous_id, distinct_id=external_id)]
-
-
-def _stamp(record: Record, project: str, now: int) -> Record:
-    if type(record) is ProfileUpdate:
-        return msgspec.structs.replace(record, project=project, time=now)  # type: ignore[type-var]
-    return msgspec.structs.replace(record, project=project)  # type: ignore[type-var]
+    return [Alias(project=project, source="client", alias=anonymous_id, distinct_id=external_id)]
 
 
 def _context(request: Incoming) -> dict[str, Any]:

@@ -84,6 +84,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             delay_ms=settings.storage.batch_delay_ms,
             clock=services.clock,
             admit=sampler.admit,
+            lanes=settings.storage.writer_lanes,
         )
         writer.start()
         services.writer = writer

@@ -49,6 +49,9 @@ class StorageConfig(_Base):
     # rows per transaction; a positive delay waits that long for a group to fill.
     batch_max_rows: int = 5000
     batch_delay_ms: float = 0.0
+    # PostgreSQL: transactions written concurrently by each process (events
+    # only; identity and profile work keeps one ordered lane). SQLite: 1.
+    writer_lanes: int = 3
     # Seconds a client is told to wait when the database is unreachable.
     unavailable_retry_after: int = 5
 
@@ -241,6 +244,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"server.bind: expected HOST:PORT, got {settings.server.bind!r}")
     if any(not key for key in settings.admin.keys):
         raise ConfigError("admin.keys: empty key")
+    if settings.storage.writer_lanes < 1:
+        raise ConfigError("storage.writer_lanes: must be at least 1")
     if settings.storage.batch_max_rows < 1:
         raise ConfigError("storage.batch_max_rows: must be at least 1")
 

@@ -8,12 +8,11 @@ data, it only costs the database a conflict check.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 
-from gateway.redislink import RedisLink
+from gateway.redislink import Coalesce, RedisLink
 
 Key = tuple[str, str, str]  # project, source, insert_id
 
@@ -24,39 +23,6 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-
-
-class Coalesce:
-    """Natural batching of cache calls, as the writer batches commits.
-
-    Calls made while a flush is in flight wait and go together in the next
-    flush, so under load many requests share one Redis round trip, and a lone
-    request waits for nobody. `flush` must not raise (it fails open).
-    """
-
-    def __init__(self, flush: Callable[[list[list[Key]]], Awaitable[list[set[Key]]]]) -> None:
-        self._flush = flush
-        self._pending: list[tuple[list[Key], asyncio.Future[set[Key]] | None]] = []
-        self._running = False
-
-    def submit(self, keys: list[Key], wait: bool) -> asyncio.Future[set[Key]] | None:
-        future = asyncio.get_running_loop().create_future() if wait else None
-        self._pending.append((keys, future))
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return future
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                results = await self._flush([keys for keys, _ in batch])
-                for (_, future), result in zip(batch, results):
-                    if future is not None and not future.done():
-                        future.set_result(result)
-        finally:
-            self._running = False
 
 
 class LocalDedup:
@@ -86,8 +52,8 @@ class Dedup:
         self._ttl = ttl_seconds
         self._local = LocalDedup(ttl_seconds, max_local_entries) if link is None else None
         self._remember = link.client.register_script(_REMEMBER) if link else None
-        self._lookups = Coalesce(self._lookup)
-        self._stores = Coalesce(self._store)
+        self._lookups: Coalesce[list[Key], set[Key]] = Coalesce(self._lookup)
+        self._stores: Coalesce[list[Key], set[Key]] = Coalesce(self._store)
 
     def _key(self, key: Key) -> str:
         assert self._link is not None
@@ -101,9 +67,7 @@ class Dedup:
             return set()
         if self._local is not None:
             return self._local.seen(keys)
-        future = self._lookups.submit(keys, wait=True)
-        assert future is not None
-        return await future
+        return await self._lookups.submit(keys)
 
     async def remember(self, keys: list[Key]) -> None:
         """Cache newly committed keys; nobody waits for it."""
@@ -112,7 +76,7 @@ class Dedup:
         if self._local is not None:
             self._local.remember(keys)
             return
-        self._stores.submit(keys, wait=False)
+        self._stores.submit_nowait(keys)
 
     async def _lookup(self, requests: list[list[Key]]) -> list[set[Key]]:
         assert self._link is not None

@@ -14,22 +14,31 @@ import os
 import time
 
 from dialects.base import SlidingWindow, TokenBucket
-from gateway.redislink import RedisLink
+from gateway.redislink import Coalesce, RedisLink
 
-# KEYS[1]: the window's sorted set. ARGV: limit, window ms, unique member.
-# Returns 0 when admitted, else the milliseconds until a slot frees up.
+# One admission per key, in order (a key may repeat: two requests of one
+# client). KEYS[i]: a window's sorted set; ARGV[3i-2..3i]: limit, window ms,
+# unique member. Returns per key 0 when admitted, else the milliseconds until
+# a slot frees up. Concurrent requests share one call (see Coalesce); the
+# keys share a hash tag, so the script stays in one Redis Cluster slot.
 _SLIDING_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], window)
-  return 0
+local out = {}
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 * i - 2])
+  local window = tonumber(ARGV[3 * i - 1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  if redis.call('ZCARD', KEYS[i]) < limit then
+    redis.call('ZADD', KEYS[i], now, ARGV[3 * i])
+    redis.call('PEXPIRE', KEYS[i], window)
+    out[i] = 0
+  else
+    local oldest = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    out[i] = math.max(1, tonumber(oldest[2]) + window - now)
+  end
 end
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + window - now)
+return out
 """
 
 
@@ -110,6 +119,7 @@ class Limiter:
         self._link = link
         self._local = LocalLimiter()
         self._script = link.client.register_script(_SLIDING_WINDOW) if link else None
+        self._admissions: Coalesce[tuple[str, SlidingWindow], int] = Coalesce(self._admit)
         self._bucket = link.client.register_script(_TOKEN_BUCKET) if link else None
         self._nonce = itertools.count()
         self._pid = os.getpid()
@@ -121,17 +131,22 @@ class Limiter:
             return await self._local.sliding(key, window)
         if not self._link.usable:
             return 0
-        member = f"{self._pid}:{next(self._nonce)}"
+        return await self._admissions.submit((key, window))
+
+    async def _admit(self, asks: list[tuple[str, SlidingWindow]]) -> list[int]:
+        assert self._link is not None and self._script is not None
+        keys: list[str] = []
+        args: list[object] = []
+        for key, window in asks:
+            keys.append(self._link.key("rl", "{sliding}", key))
+            args += [window.requests, window.per_seconds * 1000, f"{self._pid}:{next(self._nonce)}"]
         try:
-            wait = await self._script(
-                keys=[self._link.key("rl", "{" + key + "}")],
-                args=[window.requests, window.per_seconds * 1000, member],
-            )
+            waits = await self._script(keys=keys, args=args)
         except Exception as exc:
             self._link.failed("rate limiting", exc)
-            return 0
+            return [0] * len(asks)
         self._link.succeeded()
-        return int(wait)
+        return [int(w) for w in waits]
 
     async def bucket(self, name: str, subject: str, bucket: TokenBucket, cost: int) -> int:
         """Take `cost` tokens (capped at the capacity): 0, or ms until the refill."""

@@ -7,8 +7,11 @@ falls back (limits allow, dedup asks the database) and Redis is left alone for
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -69,3 +72,47 @@ class RedisLink:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalesce(Generic[T, R]):
+    """Natural batching of Redis calls, as the writer batches commits.
+
+    Calls made while a flush is in flight wait and go together in the next
+    flush, so under load many requests share one round trip, and a lone
+    request waits for nobody. `flush` gets the items in arrival order, returns
+    one result per item, and must not raise (Redis failures fail open).
+    """
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]]) -> None:
+        self._flush = flush
+        self._pending: list[tuple[T, asyncio.Future[R] | None]] = []
+        self._running = False
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._add(item, future)
+        return future
+
+    def submit_nowait(self, item: T) -> None:
+        self._add(item, None)
+
+    def _add(self, item: T, future: asyncio.Future[R] | None) -> None:
+        self._pending.append((item, future))
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                results = await self._flush([item for item, _ in batch])
+                for (_, future), result in zip(batch, results):
+                    if future is not None and not future.done():
+                        future.set_result(result)
+        finally:
+            self._running = False

@@ -91,12 +91,14 @@ async def events_of(client: httpx.AsyncClient, project: str = "shop", **params: 
 async def settle(client: httpx.AsyncClient) -> None:
     """Wait until every rejection queued so far is committed.
 
-    Rejections alone are written without the request waiting for them. The
-    writer takes its queue in order, so once an event sent afterwards is
-    committed (the 200 says so), they are too. The barrier event goes to
-    project blog and `events_of` leaves it out.
+    Rejections alone are written without the request waiting for them, on
+    the writer's ordered lane, which also takes every profile operation; so
+    once a profile operation sent afterwards is committed (the 200 says so),
+    they are too. The barrier goes to project blog, through Cohorly.
     """
-    reply = await post(client, "/events", {"event_name": BARRIER}, BLOG)
+    reply = await client.post(
+        "/engage", headers={"X-Cohorly-Token": "tok_blog"}, json={"distinct_id": BARRIER, "$set": {"b": 1}}
+    )
     assert reply.status_code == 200, reply.text
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.model import Alias, Event, ProfileUpdate
+from gateway.model import Alias, Device, Event, ProfileUpdate
 from gateway.pipeline import now_ms
 from storage import queries
 from storage.engine import create_engine
@@ -125,3 +125,70 @@ async def test_concurrent_adds_from_two_gateways(backend) -> None:
         assert {r.status_code for r in replies} == {200}
         profile = (await one.get("/admin/v1/projects/shop/profiles/shared", headers=ADMIN)).json()
     assert profile["properties"] == {"n": 100}
+
+
+def _device(person: str, os: str) -> Device:
+    return Device(project="shop", source="t", distinct_id=person, device_id="phone", os=os)
+
+
+def _touch(person: str) -> ProfileUpdate:
+    return ProfileUpdate(project="shop", source="t", distinct_id=person, time=now_ms(), touch=True)
+
+
+async def test_a_device_registered_twice_in_one_group_ends_with_the_last(backend) -> None:
+    # Devices are written in one upsert per transaction: the same device
+    # twice in it (within a request or across requests) must keep the last.
+    engine, writer = await _writer(backend, delay_ms=30)
+    try:
+        await writer.submit([_touch("ann"), _device("ann", "ios"), _touch("bob"), _device("bob", "android")])
+        bob = await queries.profile(engine, "shop", "bob")
+        await asyncio.gather(
+            writer.submit([_touch("cy"), _device("cy", "ios 18")]),
+            writer.submit([_touch("dee"), _device("dee", "android 15")]),
+        )
+    finally:
+        await writer.close()
+    people = {name: await queries.profile(engine, "shop", name) for name in ("ann", "bob", "cy", "dee")}
+    await engine.dispose()
+    assert bob is not None and [(d["device_id"], d["os"]) for d in bob["devices"]] == [("phone", "android")]
+    assert [d["device_id"] for p in people.values() if p for d in p["devices"]] == ["phone"]
+    assert people["dee"] is not None and people["dee"]["devices"][0]["os"] == "android 15"
+
+
+async def test_groups_larger_than_a_chunk(backend) -> None:
+    # More ids than one IN list or one multi-row statement takes.
+    engine, writer = await _writer(backend)
+    t = now_ms()
+    n = 1200
+
+    def op(id_: str, **verbs: object) -> ProfileUpdate:
+        return ProfileUpdate(
+            project="shop", source="t", distinct_id=id_, time=t, **verbs  # type: ignore[arg-type]
+        )
+
+    try:
+        await writer.submit(
+            [op(f"p{i}", set={"n": i}) for i in range(n)]
+            + [Alias(project="shop", source="t", alias=f"a{i}", distinct_id=f"p{i}") for i in range(n)]
+        )
+        written = await writer.submit(
+            [op(f"a{i}", add={"n": 1}) for i in range(n)]
+            + [op("a7", delete=True), op("a7", set={"back": True}), op("a8", delete=True),
+               Alias(project="shop", source="t", alias="a9", distinct_id="p10")]
+        )
+    finally:
+        await writer.close()
+    profiles = {i: await queries.profile(engine, "shop", f"a{i}") for i in (0, 7, 8, 9, 10, 600, n - 1)}
+    rejections, _ = await queries.rejections(
+        engine, project="shop", source=None, reason=None, limit=10, after=None
+    )
+    await engine.dispose()
+    assert written.applied == n + 3 and written.aliases == ["conflict"]
+    assert [r["reason"] for r in rejections] == ["alias_conflict"]
+    assert profiles[8] is None
+    assert profiles[7] is not None and profiles[7]["properties"] == {"back": True}
+    for i in (0, 9, 10, 600, n - 1):
+        person = profiles[i]
+        assert person is not None
+        assert person["distinct_id"] == f"p{i}" and person["ids"] == [f"p{i}", f"a{i}"]
+        assert person["properties"] == {"n": i + 1}
