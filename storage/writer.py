@@ -84,6 +84,10 @@ def is_unavailable(exc: BaseException) -> bool:
     return False
 
 
+# Rows queued or in flight on a lane before event requests overflow to the next.
+_LANE_BACKLOG = 1000
+
+
 class Writer:
     def __init__(
         self,
@@ -133,9 +137,19 @@ class Writer:
             # their own: the ordered lane.
             lane = 0
         else:
-            lane = min(range(len(self._queues)), key=lambda i: (self._load[i], -i))
+            lane = self._event_lane()
         self._load[lane] += pending.rows
         self._queues[lane].put_nowait(pending)
+
+    def _event_lane(self) -> int:
+        # Fill one lane while it keeps up, so small requests still share big
+        # groups (one commit for many); overflow to the next only on a real
+        # backlog. Event lanes first, the ordered lane 0 last.
+        order = [*range(1, len(self._queues)), 0]
+        for lane in order:
+            if self._load[lane] < _LANE_BACKLOG:
+                return lane
+        return min(order, key=lambda i: self._load[i])
 
     async def submit(self, records: list[Record], rejections: list[Rejection] = []) -> Written:
         if self._closed or not self._tasks:
