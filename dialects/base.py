@@ -146,3 +146,19 @@ def retry_after_headers(failure: Failure) -> tuple[tuple[str, str], ...]:
     if failure.retry_after is None:
         return ()
     return (("retry-after", str(max(1, failure.retry_after))),)
+
+
+def bearer(request: Incoming) -> str | None:
+    """The key of `Authorization: Bearer <key>` (the scheme in any case)."""
+    scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None
+
+
+def request_context(request: Incoming) -> dict[str, Any]:
+    """What every event gets from its request: client IP and User-Agent."""
+    context: dict[str, Any] = {"ip": request.client_ip}
+    agent = request.headers.get("user-agent")
+    if agent:
+        context["user_agent"] = agent
+    return context

@@ -19,7 +19,19 @@ from typing import Annotated, Any, ClassVar
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply, retry_after_headers
+from dialects.base import (
+    Batch,
+    Dialect,
+    Endpoint,
+    Failure,
+    Incoming,
+    Outcome,
+    Reply,
+    bearer,
+    json_reply,
+    request_context,
+    retry_after_headers,
+)
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -195,10 +207,8 @@ class Client(Dialect):
         )
 
     def _project(self, request: Incoming) -> str | None:
-        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return None
-        return self.credentials.get(key.strip())
+        key = bearer(request)
+        return None if key is None else self.credentials.get(key)
 
     def translate(self, request: Incoming) -> Batch | Failure:
         project = self._project(request)
@@ -253,7 +263,7 @@ class Client(Dialect):
             return []
         records: list[Record] = []
         touched: set[str] = set()  # one profile touch per person is enough
-        context = _context(request)
+        context = request_context(request)
         for index, item in enumerate(body):
             parsed, found = _check(item, EventItem, str(index))
             problems += found
@@ -302,10 +312,3 @@ def _links(project: str, anonymous_id: str | None, external_id: str | None) -> l
         return []
     return [Alias(project=project, source="client", alias=anonymous_id, distinct_id=external_id)]
 
-
-def _context(request: Incoming) -> dict[str, Any]:
-    context: dict[str, Any] = {"ip": request.client_ip}
-    agent = request.headers.get("user-agent")
-    if agent:
-        context["user_agent"] = agent
-    return context

@@ -26,6 +26,7 @@ from dialects.base import (
     Reply,
     SlidingWindow,
     json_reply,
+    request_context,
     retry_after_headers,
 )
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
@@ -170,7 +171,7 @@ class Cohorly(Dialect):
             received_at=request.received_at,
             insert_id=insert_id,
             properties={k: v for k, v in props.items() if k not in _LIFTED},
-            context=_context(request),
+            context=request_context(request),
         )
 
     def _engage(
@@ -266,13 +267,6 @@ def _error(failure: Failure) -> Reply:
         retry_after_headers(failure),
     )
 
-
-def _context(request: Incoming) -> dict[str, Any]:
-    context: dict[str, Any] = {"ip": request.client_ip}
-    agent = request.headers.get("user-agent")
-    if agent:
-        context["user_agent"] = agent
-    return context
 
 
 def _check_verb(verb: str, value: Any) -> Any:

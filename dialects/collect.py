@@ -24,7 +24,17 @@ from typing import Any
 
 import msgspec
 
-from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, json_reply
+from dialects.base import (
+    Batch,
+    Dialect,
+    Endpoint,
+    Failure,
+    Incoming,
+    Outcome,
+    Reply,
+    bearer,
+    json_reply,
+)
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
@@ -146,9 +156,9 @@ class Collect(Dialect):
     def _project(self, request: Incoming) -> str | None:
         query = dict(request.query)
         token = query.get("token")
-        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and key.strip():
-            token = key.strip()
+        key = bearer(request)
+        if key is not None:
+            token = key
         site = query.get("tc_s", "").strip()
         if not token or not site.isdigit():
             return None

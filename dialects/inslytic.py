@@ -27,6 +27,7 @@ from dialects.base import (
     Outcome,
     Reply,
     TokenBucket,
+    bearer,
     json_reply,
     retry_after_headers,
 )
@@ -107,8 +108,8 @@ class Inslytic(Dialect):
     def translate(self, request: Incoming) -> Batch | Failure:
         if request.endpoint == "health":
             return Batch()
-        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        project = self.credentials.get(key.strip()) if scheme.lower() == "bearer" else None
+        key = bearer(request)
+        project = None if key is None else self.credentials.get(key)
         if project is None:
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
