@@ -81,6 +81,34 @@ async def gateway(settings: Settings, client_ip: str = "127.0.0.1") -> AsyncIter
             yield client
 
 
+async def events_of(client: httpx.AsyncClient, project: str = "shop", **params: str) -> list[dict[str, Any]]:
+    """The project's stored events, through the admin API."""
+    reply = await client.get(f"/admin/v1/projects/{project}/events", headers=ADMIN, params=params)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["events"]  # type: ignore[no-any-return]
+
+
+async def profile_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict[str, Any] | None:
+    """The person of `id_`, or None when the admin API says 404."""
+    reply = await client.get(f"/admin/v1/projects/{project}/profiles/{id_}", headers=ADMIN)
+    if reply.status_code == 404:
+        return None
+    assert reply.status_code == 200, reply.text
+    return reply.json()  # type: ignore[no-any-return]
+
+
+async def props_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict[str, Any] | None:
+    found = await profile_of(client, id_, project)
+    return None if found is None else found["properties"]
+
+
+async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict[str, Any]]:
+    """The quarantine, through the admin API."""
+    reply = await client.get("/admin/v1/rejections", headers=ADMIN, params=params)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["rejections"]  # type: ignore[no-any-return]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.support import ADMIN, gateway, settings_for
+from tests.support import ADMIN, events_of, gateway, profile_of, props_of, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -101,33 +101,8 @@ def assert_error(reply: httpx.Response, status: int, *paths: str, case: str = ""
     return details
 
 
-async def events_of(client: httpx.AsyncClient, project: str = "shop", **params: str) -> list[dict]:
-    reply = await client.get(f"/admin/v1/projects/{project}/events", headers=ADMIN, params=params)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["events"]
-
-
 async def names_of(client: httpx.AsyncClient, project: str = "shop", **params: str) -> list[str]:
     return [e["name"] for e in await events_of(client, project, **params)]
-
-
-async def profile_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict | None:
-    reply = await client.get(f"/admin/v1/projects/{project}/profiles/{id_}", headers=ADMIN)
-    if reply.status_code == 404:
-        return None
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
-async def props_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict | None:
-    found = await profile_of(client, id_, project)
-    return None if found is None else found["properties"]
-
-
-async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict]:
-    reply = await client.get("/admin/v1/rejections", headers=ADMIN, params=params)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["rejections"]
 
 
 def now_ms() -> int:

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.app import build_app
 from gateway.config import Settings
-from tests.support import ADMIN, gateway, lifespan, settings_for
+from tests.support import ADMIN, events_of, gateway, lifespan, profile_of, props_of, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -45,31 +45,6 @@ def limited(backend: dict[str, str], requests: int, per_seconds: int, **sections
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def events_of(client: httpx.AsyncClient, project: str = "shop", **params: str) -> list[dict]:
-    reply = await client.get(f"/admin/v1/projects/{project}/events", headers=ADMIN, params=params)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["events"]
-
-
-async def profile_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict | None:
-    reply = await client.get(f"/admin/v1/projects/{project}/profiles/{id_}", headers=ADMIN)
-    if reply.status_code == 404:
-        return None
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
-async def props_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict | None:
-    found = await profile_of(client, id_, project)
-    return None if found is None else found["properties"]
-
-
-async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict]:
-    reply = await client.get("/admin/v1/rejections", headers=ADMIN, params=params)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["rejections"]
 
 
 def assert_error(reply: httpx.Response, status: int, *fragments: str) -> str:

@@ -16,7 +16,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.support import ADMIN, PROJECTS, gateway, settings_for
+from tests.support import ADMIN, PROJECTS, gateway, profile_of, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -91,20 +91,6 @@ async def by_name(client: httpx.AsyncClient, project: str = "shop") -> dict[str,
     stored = await events_of(client, project)
     assert len({e["name"] for e in stored}) == len(stored), "names are meant to be unique here"
     return {e["name"]: e for e in stored}
-
-
-async def profile_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict | None:
-    reply = await client.get(f"/admin/v1/projects/{project}/profiles/{id_}", headers=ADMIN)
-    if reply.status_code == 404:
-        return None
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
-async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict]:
-    reply = await client.get("/admin/v1/rejections", headers=ADMIN, params=params)
-    assert reply.status_code == 200, reply.text
-    return reply.json()["rejections"]
 
 
 def accepted(reply: httpx.Response, count: int) -> None:
