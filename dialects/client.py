@@ -216,7 +216,7 @@ class Client(Dialect):
             return Failure(kind="unauthorized", message="Authorization error.")
         try:
             body = msgspec.json.decode(request.body)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
         problems: list[str] = []
         records = getattr(self, "_" + request.endpoint)(body, problems, request, project)

@@ -91,7 +91,8 @@ class Cohorly(Dialect):
     def translate(self, request: Incoming) -> Batch | Failure:
         try:
             body = _decode(request.body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
             return Failure(kind="bad_request", message="invalid JSON")
         except RecursionError:
             # msgspec's answer to nesting deeper than the interpreter allows.

@@ -171,7 +171,7 @@ class Collect(Dialect):
         else:
             try:
                 body = _decode(request.body)
-            except (msgspec.DecodeError, RecursionError):
+            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
                 return Failure(kind="bad_request", message="invalid JSON")
             raw = request.body
         project = self._project(request)

@@ -114,7 +114,7 @@ class Inslytic(Dialect):
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
             body = _decode(request.body)
-        except (msgspec.DecodeError, RecursionError):
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
             return _invalid(["Invalid JSON"])
         items = body.get("events") if type(body) is dict else None
         if type(items) is not list:

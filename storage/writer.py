@@ -74,13 +74,30 @@ class _Pending:
         self.rows = len(records) + len(rejections)
 
 
+# SQLSTATE classes that mean "not now", never "not this data": connection
+# exceptions (08), insufficient resources (53, e.g. too many connections),
+# operator intervention (57P01..57P05: shutting down, starting up...).
+_TRANSIENT_SQLSTATES = ("08", "53", "57P")
+
+
 def is_unavailable(exc: BaseException) -> bool:
-    if isinstance(exc, (OSError, ConnectionError, asyncio.TimeoutError)):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError)):
+    """True when the database could not be reached or cannot work right now."""
+    seen: BaseException | None = exc
+    depth = 0
+    while seen is not None and depth < 5:
+        if isinstance(seen, (OSError, ConnectionError, asyncio.TimeoutError)):
             return True
-        return isinstance(exc.orig, (OSError, ConnectionError)) or "connection" in type(exc.orig).__name__.lower()
+        if isinstance(seen, DBAPIError) and (
+            seen.connection_invalidated or isinstance(seen, (OperationalError, InterfaceError))
+        ):
+            return True
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str) and state.startswith(_TRANSIENT_SQLSTATES):
+            return True
+        if "connect" in type(seen).__name__.lower():
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+        depth += 1
     return False
 
 
