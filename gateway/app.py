@@ -42,6 +42,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         sampler=sampler,
         metrics=metrics,
         unavailable_retry_after=settings.storage.unavailable_retry_after,
+        body_timeout=settings.server.read_timeout,
     )
     state = State()
     state.metrics = metrics

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -44,7 +45,9 @@ class Services:
     dedup: Dedup
 
     def __init__(self, *, client_address: ClientAddress, sampler: Sampler, metrics: Metrics,
-                 unavailable_retry_after: int, clock: Callable[[], int] = now_ms) -> None:
+                 unavailable_retry_after: int, body_timeout: float = 30.0,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.body_timeout = body_timeout
         self.client_address = client_address
         self.sampler = sampler
         self.metrics = metrics
@@ -95,8 +98,14 @@ class Ingest:
                                retry_after=retry_after_seconds(wait)), request
         if request.method != "GET":
             try:
-                raw = await reader.read(request.headers, self.endpoint.max_body)
+                # The whole body within the deadline: a client trickling a
+                # byte at a time cannot hold a connection (and memory) forever.
+                async with asyncio.timeout(services.body_timeout):
+                    raw = await reader.read(request.headers, self.endpoint.max_body)
                 body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
+            except TimeoutError:
+                return Failure(kind="bad_request",
+                               message=f"request body not received within {services.body_timeout:g} s"), request
             except TooLarge:
                 # Consume the rest first (bounded), so the 413 can never be
                 # overtaken by a reset of a connection with unread data.

@@ -257,6 +257,10 @@ def stored_counts(storage_url: str, like: str) -> dict[str, int]:
     return asyncio.run(query())
 
 
+# Every fault's figures, for the terminal summary of the run.
+FIGURES: list[str] = []
+
+
 def figures(
     label: str, expected_ids: Iterable[str], acked_ids: Iterable[str], counts: dict[str, int]
 ) -> dict[str, int]:
@@ -273,7 +277,9 @@ def figures(
         # Committed but never acknowledged (answer lost in the fault): allowed.
         "stored_unacked": len(counts.keys() - acked),
     }
-    print(f"\n[{label}] " + " ".join(f"{k}={v}" for k, v in result.items()))
+    line = f"[{label}] " + " ".join(f"{k}={v}" for k, v in result.items())
+    print("\n" + line)
+    FIGURES.append(line)  # shown in the run's summary, also in CI (see conftest)
     return result
 
 
