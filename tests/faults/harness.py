@@ -283,49 +283,6 @@ def figures(
     return result
 
 
-class OwnRedis:
-    """A redis-server of the test's own (the shared one is never stopped)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import shutil
-
-        import redis
-
-        from tests.conftest import unreachable
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unreachable("redis-server", "binary not on PATH")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        try:
-            for _ in range(100):
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-        finally:
-            client.close()
-        raise RuntimeError("own redis did not start")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
 def wait_ready(url: str, status: int, timeout: float = 10) -> float:
     """Poll /readyz until it answers `status`; returns the seconds it took."""
     started = time.monotonic()

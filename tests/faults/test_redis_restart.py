@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import OwnRedis
 from tests.faults.harness import (
     Gateway,
     Load,
-    OwnRedis,
     batch_ids,
     figures,
     resend,

@@ -8,50 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
-import redis
 
-from tests.conftest import unreachable
-from tests.support import ADMIN, free_port, gateway, settings_for
+from tests.support import ADMIN, OwnRedis, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
-
-
-class OwnRedis:
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unreachable("redis-server", "binary not on PATH")
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("own redis did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.fixture
