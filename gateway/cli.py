@@ -12,6 +12,10 @@ import sys
 from gateway.config import ConfigError, Settings, load
 
 
+# After SIGTERM, how long the gateway must see no request before it stops.
+DRAIN_QUIET = 0.2
+
+
 def configure_logging() -> None:
     # One line per rejected request is on the reject path's hot loop: skip the
     # thread and process bookkeeping each record would otherwise gather.
@@ -92,16 +96,30 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool) -> int
         return run(config)  # type: ignore[arg-type]
 
     from gateway.app import build_app
+    from gateway.http import Drain
 
-    app = build_app(settings, migrate=False)
+    app = Drain(build_app(settings, migrate=False))
+    graceful = float(settings.server.graceful_timeout)
+    # The drain and hypercorn's own wait share the graceful timeout.
+    config.graceful_timeout = graceful / 2  # type: ignore[attr-defined]
 
     async def run_one() -> None:
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled.set)
         logging.getLogger("dialgate").info("serving on http://%s", settings.server.bind)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+        async def shutdown_trigger() -> None:
+            # Drain first: keep serving (answers now close their connection)
+            # until nothing has been in flight for a moment, so requests sent
+            # just before the signal are answered; only then tell hypercorn,
+            # which closes the idle connections and waits for the rest.
+            await signalled.wait()
+            app.begin()
+            await app.idle(quiet=DRAIN_QUIET, timeout=graceful / 2)
+
+        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
 
     asyncio.run(run_one())
     return 0

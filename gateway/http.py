@@ -203,3 +203,68 @@ class TrailingSlash:
             if len(path) > 1 and path.endswith("/"):
                 scope = dict(scope, path=path.rstrip("/") or "/")
         await self.app(scope, receive, send)
+
+
+class Drain:
+    """Counts requests in flight and, once `begin()` is called on shutdown,
+    asks every client to close its connection after the current answer.
+
+    The server is told to stop only after the gateway has been idle for a
+    moment (see `idle`), so a request a client sent just before the signal
+    is read, committed and answered rather than cut off mid-way."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.in_flight = 0
+        self.started = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.in_flight += 1
+        self.started += 1
+        self._idle.clear()
+        try:
+            if self.draining:
+                await self.app(scope, receive, self._closing(send))
+            else:
+                await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def _closing(self, send: Any) -> Any:
+        async def send_closing(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"connection"]
+                headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_closing
+
+    def begin(self) -> None:
+        self.draining = True
+
+    async def idle(self, *, quiet: float, timeout: float) -> bool:
+        """Wait until no request has been in flight for `quiet` seconds, for
+        at most `timeout` seconds. True when the gateway went quiet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._idle.wait(), remaining)
+            except TimeoutError:
+                return False
+            seen = self.started
+            await asyncio.sleep(min(quiet, max(0.0, deadline - loop.time())))
+            if self.in_flight == 0 and self.started == seen:
+                return True

@@ -166,9 +166,18 @@ cohorly_tokens = ["tok_cli"]
             ).json()
             assert [(e["name"], e["distinct_id"]) for e in listing["events"]] == [("Served", "u1")]
 
-            # SIGTERM with a keep-alive connection still open.
+            # SIGTERM with a keep-alive connection still open: a request sent
+            # right after the signal is still answered (the drain phase), and
+            # the answer asks the client to close the connection.
             started = time.monotonic()
             process.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+            late = client.post(
+                "/track",
+                json={"event": "Late", "properties": {"token": "tok_cli", "distinct_id": "u1", "$insert_id": "s2"}},
+            )
+            assert late.status_code == 200 and late.json() == {"status": 1, "inserted": 1}
+            assert late.headers["connection"] == "close"
             assert process.wait(timeout=8) == 0
             assert time.monotonic() - started < 5
     finally:
@@ -178,7 +187,8 @@ cohorly_tokens = ["tok_cli"]
     assert "Traceback" not in stderr.read_text()
     # The migrations ran on start and the event was committed to the file.
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT name, distinct_id FROM events").fetchall() == [("Served", "u1")]
+        assert conn.execute("SELECT name, distinct_id FROM events ORDER BY id").fetchall() == [
+            ("Served", "u1"), ("Late", "u1")]
 
 
 # -- a disabled dialect ---------------------------------------------------------
