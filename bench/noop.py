@@ -1,7 +1,8 @@
 """The HTTP ceiling: a no-op ASGI app that reads and decodes the same bodies.
 
-Served by the same server (hypercorn) with the same worker count as the
-gateway, so the difference between the two is what Dialgate itself costs.
+Served by the gateway's own server stack (gateway.serve: hypercorn, the
+shutdown drain, one SO_REUSEPORT socket per worker) with the same worker
+count, so the difference between the two is what Dialgate itself costs.
 """
 
 from __future__ import annotations

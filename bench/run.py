@@ -307,8 +307,9 @@ def main() -> int:
         if kind not in servers:
             port = free_port()
             if kind == "noop":
-                servers[kind] = Process([PY, "-m", "hypercorn", "bench.noop:app", "-b", f"127.0.0.1:{port}",
-                                         "-w", str(args.workers)], port, work / "noop.log")
+                # The gateway's own server stack (gateway.serve), with nothing behind it.
+                servers[kind] = Process([PY, "-m", "gateway.serve", "bench.noop:app", "--bind", f"127.0.0.1:{port}",
+                                         "--workers", str(args.workers)], port, work / "noop.log")
             else:
                 config = work / f"{kind}.toml"
                 storage = pg_url if kind == "pg" else f"sqlite+aiosqlite:///{sqlite_path}"

@@ -6,14 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from gateway.config import ConfigError, Settings, load
-
-
-# After SIGTERM, how long the gateway must see no request before it stops.
-DRAIN_QUIET = 0.2
 
 
 def configure_logging() -> None:
@@ -32,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", default=os.environ.get("DIALGATE_CONFIG"), help="TOML file (or DIALGATE_CONFIG)")
     serve.add_argument("--no-migrate", action="store_true", help="do not run migrations on start")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     migrate.add_argument("--config", default=os.environ.get("DIALGATE_CONFIG"))
     check = sub.add_parser("check-config", help="validate a config file and exit")
@@ -51,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_migrate(settings))
         print("database is at head")
         return 0
-    return _serve(settings, args.config, migrate=not args.no_migrate)
+    return _serve(settings, args.config, migrate=not args.no_migrate, worker=args.worker)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -65,64 +61,34 @@ async def _migrate(settings: Settings) -> None:
         await engine.dispose()
 
 
-def hypercorn_config(settings: Settings) -> object:
-    from hypercorn.config import Config
+def _serve(settings: Settings, config_path: str | None, *, migrate: bool, worker: bool) -> int:
+    from gateway import serve
 
-    config = Config()
-    config.bind = [settings.server.bind]
-    config.workers = settings.server.workers
-    config.graceful_timeout = float(settings.server.graceful_timeout)
-    # Slow clients trickling a body are cut off after read_timeout seconds.
-    config.read_timeout = settings.server.read_timeout
-    config.keep_alive_timeout = 75
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")
-    return config
-
-
-def _serve(settings: Settings, config_path: str | None, *, migrate: bool) -> int:
-    from hypercorn.asyncio import serve
-
-    if migrate and settings.storage.migrate_on_start:
+    if migrate and settings.storage.migrate_on_start and not worker:
         asyncio.run(_migrate(settings))
-    config = hypercorn_config(settings)
-    if settings.server.workers > 1:
-        from hypercorn.run import run
-
-        # Workers build the app from the same settings (file + environment).
+    graceful = float(settings.server.graceful_timeout)
+    if settings.server.workers > 1 and not worker:
+        # Workers load the same settings (file + environment); this process
+        # has migrated already.
+        argv = [sys.executable, "-m", "gateway.cli", "serve", "--no-migrate", "--worker"]
         if config_path:
-            os.environ["DIALGATE_CONFIG"] = os.path.abspath(config_path)
-        config.application_path = "gateway.asgi:app_from_env()"  # type: ignore[attr-defined]
-        return run(config)  # type: ignore[arg-type]
+            argv += ["--config", os.path.abspath(config_path)]
+        logging.getLogger("dialgate").info(
+            "serving on http://%s with %d workers", settings.server.bind, settings.server.workers)
+        return serve.supervise(argv, settings.server.workers, graceful_timeout=graceful)
 
     from gateway.app import build_app
-    from gateway.http import Drain
 
-    app = Drain(build_app(settings, migrate=False))
-    graceful = float(settings.server.graceful_timeout)
-    # The drain and hypercorn's own wait share the graceful timeout.
-    config.graceful_timeout = graceful / 2  # type: ignore[attr-defined]
-
-    async def run_one() -> None:
-        signalled = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, signalled.set)
-        logging.getLogger("dialgate").info("serving on http://%s", settings.server.bind)
-
-        async def shutdown_trigger() -> None:
-            # Drain first: keep serving (answers now close their connection)
-            # until nothing has been in flight for a moment, so requests sent
-            # just before the signal are answered; only then tell hypercorn,
-            # which closes the idle connections and waits for the rest.
-            await signalled.wait()
-            app.begin()
-            await app.idle(quiet=DRAIN_QUIET, timeout=graceful / 2)
-
-        await serve(app, config, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
-
-    asyncio.run(run_one())
-    return 0
+    try:
+        config = serve.hypercorn_config(
+            settings.server.bind, graceful_timeout=graceful,
+            read_timeout=settings.server.read_timeout, reuse_port=worker,
+        )
+    except serve.CannotListen as exc:
+        print(f"dialgate: {exc}", file=sys.stderr)
+        return 2
+    banner = f"worker {os.getpid()} serving" if worker else f"serving on http://{settings.server.bind}"
+    return serve.run_one(build_app(settings, migrate=False), config, graceful_timeout=graceful, banner=banner)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ def create_engine(url: str) -> AsyncEngine:
     assert_never(backend)
 
 
+def sqlite_pragmas() -> tuple[str, ...]:
+    """Every SQLite connection's settings (the engine's and the writer's own)."""
+    return (
+        # Readers do not block the writer nor the writer readers.
+        "PRAGMA journal_mode=WAL",
+        # FULL: a commit is on disk before the 2xx, even across power loss;
+        # group commit amortises the fsync.
+        "PRAGMA synchronous=FULL",
+        # Several processes (workers) may write: wait for the lock, not fail.
+        "PRAGMA busy_timeout=30000",
+    )
+
+
 def _sqlite(url: str) -> AsyncEngine:
     engine = create_async_engine(
         url,
@@ -69,13 +82,8 @@ def _sqlite(url: str) -> AsyncEngine:
         # deferred transactions.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        # Readers do not block the writer nor the writer readers.
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the 2xx, even across power loss;
-        # group commit amortises the fsync.
-        cursor.execute("PRAGMA synchronous=FULL")
-        # Several processes (workers) may write: wait for the lock, not fail.
-        cursor.execute("PRAGMA busy_timeout=30000")
+        for pragma in sqlite_pragmas():
+            cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

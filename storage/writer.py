@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, assert_never
 
 from sqlalchemy import Text, any_, bindparam, delete, select, text, update
@@ -31,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Alias, AliasOutcome, Device, Event, ProfileUpdate, Record, Rejection
 from storage import tables
-from storage.engine import Backend, backend_of, json_text
+from storage.engine import Backend, backend_of, json_text, sqlite_pragmas
 from storage.profiles import apply_update
 
 log = logging.getLogger("dialgate.writer")
@@ -85,7 +87,8 @@ def is_unavailable(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     depth = 0
     while seen is not None and depth < 5:
-        if isinstance(seen, (OSError, ConnectionError, asyncio.TimeoutError)):
+        if isinstance(seen, (OSError, ConnectionError, asyncio.TimeoutError, sqlite3.OperationalError)):
+            # sqlite3: locked past the busy timeout, disk full, I/O error.
             return True
         if isinstance(seen, DBAPIError) and (
             seen.connection_invalidated or isinstance(seen, (OperationalError, InterfaceError))
@@ -132,6 +135,7 @@ class Writer:
         self._load = [0] * count  # rows queued or being written, per lane
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._sqlite_events = SqliteEvents.for_url(engine.url) if self._backend is Backend.SQLITE else None
 
     def start(self) -> None:
         self._tasks = [
@@ -147,6 +151,8 @@ class Writer:
         for task in self._tasks:
             await task
         self._tasks = []
+        if self._sqlite_events is not None:
+            await self._sqlite_events.close()
 
     def _enqueue(self, pending: _Pending) -> None:
         if not pending.records or any(type(r) is not Event for r in pending.records):
@@ -235,6 +241,14 @@ class Writer:
 
     async def _write(self, group: list[_Pending]) -> list[Written]:
         results = [Written() for _ in group]
+        if self._sqlite_events is not None and all(
+            not p.rejections and all(type(r) is Event for r in p.records) for p in group
+        ):
+            fresh, owner = _plan_events(group, results)
+            if fresh:
+                stored = await self._sqlite_events.insert([_sqlite_row(e) for e in fresh])
+                _settle_events(owner, stored, results)
+            return results
         async with self._engine.begin() as conn:
             tx = _Transaction(conn, self._backend, self._clock())
             await tx.events(group, results)
@@ -301,6 +315,10 @@ _SQLITE_INSERT = (
     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
     "ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
 )
+_SQLITE_INSERT_PLAIN = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
+    "ON CONFLICT (project, source, insert_id) DO NOTHING"
+)
 # SQLite allows 32766 bound values per statement: 2000 rows of 13.
 _SQLITE_ROWS = 2000
 # Ids per IN list and rows per multi-row upsert in the identity, profile and
@@ -346,6 +364,117 @@ def _sqlite_row(event: Event) -> tuple[Any, ...]:
     )
 
 
+def _plan_events(group: list[_Pending], results: list[Written]) -> tuple[list[Event], dict[tuple[str, str, str], int]]:
+    """The group's events to insert, and which request owns each insert id
+    (the first to name it; a later copy in the same group is a duplicate)."""
+    fresh: list[Event] = []
+    owner: dict[tuple[str, str, str], int] = {}
+    for index, (pending, written) in enumerate(zip(group, results)):
+        for record in pending.records:
+            if type(record) is not Event:
+                continue
+            event: Event = record  # type: ignore[assignment]
+            if event.insert_id is not None:
+                key = (event.project, event.source, clean(event.insert_id))
+                if key in owner:
+                    written.duplicates += 1
+                    continue
+                owner[key] = index
+            else:
+                written.inserted += 1
+            fresh.append(event)
+    return fresh, owner
+
+
+def _settle_events(
+    owner: dict[tuple[str, str, str], int], stored: set[tuple[str, str, str]] | None, results: list[Written]
+) -> None:
+    """Count each keyed event as inserted or duplicate; `stored` None: all new."""
+    for key, index in owner.items():
+        if stored is None or key in stored:
+            results[index].inserted += 1
+            results[index].new_keys.append(key)
+        else:
+            results[index].duplicates += 1
+
+
+class SqliteEvents:
+    """SQLite's path for groups of events only: the whole transaction (BEGIN
+    IMMEDIATE, insert, COMMIT) in one call on a thread of its own, on a
+    connection of its own.
+
+    Through aiosqlite every statement is a hop to its thread and back, and
+    every row of a RETURNING result another acquisition of the GIL; while
+    the event loop is busy validating the next requests, each of those waits,
+    and the writer (hence every request) with it. Here a group costs one hop
+    and a handful of GIL hand-overs: the insert has no RETURNING, since under
+    the write lock the new rows are exactly those with an id above the
+    largest one before the insert, read back only when some were duplicates.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dialgate-sqlite")
+
+    @classmethod
+    def for_url(cls, url: Any) -> SqliteEvents | None:
+        database = url.database or ""
+        if database in ("", ":memory:") or url.query:
+            return None  # a private in-memory database, or options we do not replicate
+        return cls(database)
+
+    async def insert(self, rows: list[tuple[Any, ...]]) -> set[tuple[str, str, str]] | None:
+        """Insert the rows in one transaction; the keys stored, None if all."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._insert, rows)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._disconnect)
+        self._thread.shutdown(wait=True)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        for pragma in sqlite_pragmas():
+            conn.execute(pragma)
+        return conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> set[tuple[str, str, str]] | None:
+        if self._conn is None:
+            self._conn = self._connect()
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+            changed = 0
+            for start in range(0, len(rows), _SQLITE_ROWS):
+                chunk = rows[start : start + _SQLITE_ROWS]
+                sql = _SQLITE_INSERT_PLAIN.format(values=",".join([_SQLITE_ROW] * len(chunk)))
+                changed += conn.execute(sql, [value for row in chunk for value in row]).rowcount
+            stored = None
+            if changed != len(rows):
+                stored = {
+                    (p, s, i)
+                    for p, s, i in conn.execute(
+                        "SELECT project, source, insert_id FROM events WHERE id > ? AND insert_id IS NOT NULL",
+                        (top,),
+                    )
+                }
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._disconnect()  # start afresh on the next group
+            raise
+        return stored
+
+
 def _is_noop(update_: ProfileUpdate) -> bool:
     """`$delete: false` alone, say: nothing to apply, so nothing is created."""
     return not (
@@ -378,31 +507,9 @@ class _Transaction:
         self._devices: dict[tuple[str, str], dict[str, Any]] = {}
 
     async def events(self, group: list[_Pending], results: list[Written]) -> None:
-        fresh: list[Event] = []
-        owner: dict[tuple[str, str, str], int] = {}
-        for index, (pending, written) in enumerate(zip(group, results)):
-            for record in pending.records:
-                if type(record) is not Event:
-                    continue
-                event: Event = record  # type: ignore[assignment]
-                if event.insert_id is not None:
-                    key = (event.project, event.source, clean(event.insert_id))
-                    if key in owner:
-                        written.duplicates += 1
-                        continue
-                    owner[key] = index
-                else:
-                    written.inserted += 1
-                fresh.append(event)
-        if not fresh:
-            return
-        stored = await self._insert_events(fresh)
-        for key, index in owner.items():
-            if key in stored:
-                results[index].inserted += 1
-                results[index].new_keys.append(key)
-            else:
-                results[index].duplicates += 1
+        fresh, owner = _plan_events(group, results)
+        if fresh:
+            _settle_events(owner, await self._insert_events(fresh), results)
 
     async def _insert_events(self, events: list[Event]) -> set[tuple[str, str, str]]:
         """Bulk insert, skipping known insert ids; returns the keys stored.
