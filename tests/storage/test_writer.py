@@ -192,3 +192,24 @@ async def test_groups_larger_than_a_chunk(backend) -> None:
         assert person is not None
         assert person["distinct_id"] == f"p{i}" and person["ids"] == [f"p{i}", f"a{i}"]
         assert person["properties"] == {"n": i + 1}
+
+
+async def test_a_group_of_new_and_known_events_counts_each(backend) -> None:
+    """Some of a group's events already stored: only the others are new
+    (SQLite's events path reads back which ones only in this case)."""
+    engine, writer = await _writer(backend, delay_ms=30)
+    try:
+        first = await writer.submit([_event(n) for n in range(10)])
+        mixed = await asyncio.gather(
+            writer.submit([_event(n) for n in range(5, 15)]),
+            writer.submit([_event(n) for n in range(12, 20)] + [_event(99, insert_id=None)]),
+        )
+    finally:
+        await writer.close()
+    assert (first.inserted, first.duplicates) == (10, 0)
+    assert [(r.inserted, r.duplicates) for r in mixed] == [(5, 5), (6, 3)]
+    assert sorted(k[2] for k in mixed[0].new_keys) == sorted(f"id-{n}" for n in range(10, 15))
+    assert sorted(k[2] for k in mixed[1].new_keys) == sorted(f"id-{n}" for n in range(15, 20))
+    rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=1000, after=None)
+    await engine.dispose()
+    assert sorted(r["properties"]["n"] for r in rows) == [*range(20), 99]
