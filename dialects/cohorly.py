@@ -103,10 +103,12 @@ class Cohorly(Dialect):
                 return self._alias(body, header_token)
             items, batched = self._items(body)
             translate = self._event if request.endpoint == "track" else self._engage
+            # One context for every event of the request (the records never change it).
+            context = request_context(request)
             records: list[Record] = []
             for index, item in enumerate(items):
                 try:
-                    record = translate(item, header_token, request)
+                    record = translate(item, header_token, request, context)
                 except Invalid as exc:
                     prefix = f"record {index}: " if batched else ""
                     return Failure(kind="bad_request", message=prefix + str(exc))
@@ -134,7 +136,9 @@ class Cohorly(Dialect):
             return None
         return self.credentials.get(token)
 
-    def _event(self, item: Any, header_token: str | None, request: Incoming) -> Event | None:
+    def _event(
+        self, item: Any, header_token: str | None, request: Incoming, context: dict[str, Any]
+    ) -> Event | None:
         if type(item) is not dict:
             raise Invalid("event must be an object")
         name = item.get("event")
@@ -172,11 +176,11 @@ class Cohorly(Dialect):
             received_at=request.received_at,
             insert_id=insert_id,
             properties={k: v for k, v in props.items() if k not in _LIFTED},
-            context=request_context(request),
+            context=context,
         )
 
     def _engage(
-        self, item: Any, header_token: str | None, request: Incoming
+        self, item: Any, header_token: str | None, request: Incoming, _context: dict[str, Any]
     ) -> ProfileUpdate | None:
         if type(item) is not dict:
             raise Invalid("operation must be an object")

@@ -110,7 +110,17 @@ class Coalesce(Generic[T, R]):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                results = await self._flush([item for item, _ in batch])
+                try:
+                    results = await self._flush([item for item, _ in batch])
+                except Exception as exc:
+                    # A bug, not Redis (that fails open inside `flush`): fail
+                    # the callers rather than leave them waiting forever.
+                    log.exception("coalesced call failed")
+                    for _, future in batch:
+                        if future is not None and not future.done():
+                            future.set_exception(exc)
+                            future.exception()  # retrieved, even if the caller is gone
+                    continue
                 for (_, future), result in zip(batch, results):
                     if future is not None and not future.done():
                         future.set_result(result)

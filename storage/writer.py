@@ -246,7 +246,7 @@ class Writer:
         ):
             fresh, owner = _plan_events(group, results)
             if fresh:
-                stored = await self._sqlite_events.insert([_sqlite_row(e) for e in fresh])
+                stored = await self._sqlite_events.insert(_sqlite_rows(fresh))
                 _settle_events(owner, stored, results)
             return results
         async with self._engine.begin() as conn:
@@ -346,22 +346,30 @@ def _lock_key(project: str) -> int:
     return zlib.crc32(b"dialgate-profiles:" + project.encode()) - 2**31
 
 
-def _sqlite_row(event: Event) -> tuple[Any, ...]:
-    return (
-        event.project,
-        event.source,
-        clean(event.name),
-        clean(event.distinct_id),
-        clean(event.anonymous_id),
-        clean(event.user_id),
-        event.time,
-        event.received_at,
-        clean(event.insert_id),
-        clean(event.session_id),
-        json_text(event.properties),
-        json_text(event.context),
-        event.consent,
-    )
+def _sqlite_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    # A request's events share one context dict: encode it once.
+    contexts: dict[int, str] = {}
+    rows = []
+    for event in events:
+        context = contexts.get(id(event.context))
+        if context is None:
+            context = contexts[id(event.context)] = json_text(event.context)
+        rows.append((
+            event.project,
+            event.source,
+            clean(event.name),
+            clean(event.distinct_id),
+            clean(event.anonymous_id),
+            clean(event.user_id),
+            event.time,
+            event.received_at,
+            clean(event.insert_id),
+            clean(event.session_id),
+            json_text(event.properties),
+            context,
+            event.consent,
+        ))
+    return rows
 
 
 def _plan_events(group: list[_Pending], results: list[Written]) -> tuple[list[Event], dict[tuple[str, str, str], int]]:
@@ -523,7 +531,7 @@ class _Transaction:
             result = await self.conn.exec_driver_sql(_PG_INSERT, (json_text(events),))
             stored.update((p, s, i) for p, s, i in result.all() if i is not None)
         elif self.backend is Backend.SQLITE:
-            rows = [_sqlite_row(e) for e in events]
+            rows = _sqlite_rows(events)
             for start in range(0, len(rows), _SQLITE_ROWS):
                 chunk = rows[start : start + _SQLITE_ROWS]
                 sql = _SQLITE_INSERT.format(values=",".join([_SQLITE_ROW] * len(chunk)))
