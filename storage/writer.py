@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -315,6 +316,8 @@ _SQLITE_INSERT = (
     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
     "ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
 )
+# How long a group waits for SQLite's write lock held by another process.
+_LOCK_WAIT = 30.0
 _SQLITE_INSERT_PLAIN = (
     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
     "ON CONFLICT (project, source, insert_id) DO NOTHING"
@@ -444,6 +447,9 @@ class SqliteEvents:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         for pragma in sqlite_pragmas():
             conn.execute(pragma)
+        # In WAL mode only taking the write lock can find the database busy;
+        # _begin polls for it instead of SQLite's sleeping handler.
+        conn.execute("PRAGMA busy_timeout=0")
         return conn
 
     def _disconnect(self) -> None:
@@ -451,11 +457,27 @@ class SqliteEvents:
             self._conn.close()
             self._conn = None
 
+    @staticmethod
+    def _begin(conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE, polling for the write lock every half millisecond
+        while another process holds it: SQLite's own busy handler sleeps in
+        growing steps (up to 100 ms), so with several workers each would
+        mostly wait on a lock that was free long ago."""
+        deadline = time.monotonic() + _LOCK_WAIT
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.0005)
+
     def _insert(self, rows: list[tuple[Any, ...]]) -> set[tuple[str, str, str]] | None:
         if self._conn is None:
             self._conn = self._connect()
         conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
+        self._begin(conn)
         try:
             top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             changed = 0

@@ -213,3 +213,21 @@ async def test_a_group_of_new_and_known_events_counts_each(backend) -> None:
     rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=1000, after=None)
     await engine.dispose()
     assert sorted(r["properties"]["n"] for r in rows) == [*range(20), 99]
+
+
+async def test_two_writers_on_one_database_store_every_event_once(backend) -> None:
+    """Two processes' writers take turns on the write lock (SQLite polls for
+    it); every event lands once, the copies both sent count as duplicates."""
+    (engine_a, a), (engine_b, b) = await _writer(backend), await _writer(backend)
+    try:
+        jobs = [w.submit([_event(n * 50 + i) for i in range(50)]) for n in range(20) for w in (a, b)]
+        results = await asyncio.gather(*jobs)
+    finally:
+        await a.close()
+        await b.close()
+    assert sum(r.inserted for r in results) == 1000
+    assert sum(r.duplicates for r in results) == 1000
+    rows, _ = await queries.events(engine_a, "shop", distinct_id=None, name=None, source=None, limit=5000, after=None)
+    await engine_a.dispose()
+    await engine_b.dispose()
+    assert sorted(r["properties"]["n"] for r in rows) == list(range(1000))
