@@ -78,9 +78,9 @@ def scenarios() -> list[Scenario]:
         Scenario("http-ceiling-batch500", "noop", "/track", batch(500), 500, token, 8),
         Scenario("cohorly-single", "pg", "/track", cohorly_event(0), 1, token, 64),
         Scenario("cohorly-batch50", "pg", "/track", batch(50), 50, token, 16),
-        Scenario("cohorly-batch500", "pg", "/track", batch(500), 500, token, 8),
+        Scenario("cohorly-batch500", "pg", "/track", batch(500), 500, token, 16),
         Scenario("cohorly-single-sqlite", "sqlite", "/track", cohorly_event(0), 1, token, 64),
-        Scenario("cohorly-batch500-sqlite", "sqlite", "/track", batch(500), 500, token, 8),
+        Scenario("cohorly-batch500-sqlite", "sqlite", "/track", batch(500), 500, token, 16),
         Scenario("inslytic-batch1000", "pg", "/v1/ingest",
                  '{"events":[' + ",".join(inslytic_event(i) for i in range(1000)) + "]}", 1000,
                  {"Authorization": "Bearer ins_bench", "Content-Type": "application/json"}, 8, "inslytic"),
@@ -279,7 +279,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="5 s per scenario, 60 s soak")
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--soak", type=float, default=None, help="soak length in seconds (0: none; default 300)")
-    parser.add_argument("--workers", type=int, default=1)
+    # One worker per core, as a deployment would run it (the HTTP ceiling
+    # runs with the same count).
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")

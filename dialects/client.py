@@ -125,6 +125,15 @@ def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]
     prefix = f"{path}/" if path else ""
     if type(value) is not dict:
         return None, [f"{path or 'body'}: must be an object"]
+    # Fast path: a valid value converts in one pass; only an invalid one
+    # pays for the field-by-field walk that names every problem.
+    try:
+        parsed = msgspec.convert(value, schema)
+    except msgspec.ValidationError:
+        pass
+    else:
+        if _beyond_types_ok(parsed):
+            return parsed, []
     problems: list[str] = []
     known = set()
     for field in _fields(schema):
@@ -153,6 +162,20 @@ def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]
     if problems:
         return None, problems
     return msgspec.convert(value, schema), []
+
+
+def _beyond_types_ok(parsed: _Schema) -> bool:
+    """The checks msgspec cannot express, on a converted value (nested
+    schemas included); False sends the value to the full walk in `_check`."""
+    if parsed.needs_an_id and getattr(parsed, "anonymous_id") is None and getattr(parsed, "external_id") is None:
+        return False
+    for field in _fields(type(parsed)):
+        item = getattr(parsed, field.name)
+        if field.name == "timezone" and type(item) is str and item not in TIMEZONES:
+            return False
+        if isinstance(item, _Schema) and not _beyond_types_ok(item):
+            return False
+    return True
 
 
 def _phrase(exc: msgspec.ValidationError) -> str:
