@@ -44,6 +44,16 @@ _VERBS = ("$set_once", "$set", "$add", "$append", "$union", "$remove", "$unset",
 _decode = msgspec.json.Decoder().decode
 
 
+class _TrackItem(msgspec.Struct):
+    """The shape of a valid /track event (other top-level keys are ignored)."""
+
+    event: str
+    properties: dict[str, Any]
+
+
+_decode_track = msgspec.json.Decoder(list[_TrackItem] | _TrackItem).decode
+
+
 def _window() -> SlidingWindow:
     return SlidingWindow(requests=100, per_seconds=10)
 
@@ -89,6 +99,13 @@ class Cohorly(Dialect):
     # -- translation -------------------------------------------------------
 
     def translate(self, request: Incoming) -> Batch | Failure:
+        if request.endpoint == "track":
+            fast = self._track_fast(request)
+            if fast is not None:
+                return fast
+        return self._translate_general(request)
+
+    def _translate_general(self, request: Incoming) -> Batch | Failure:
         try:
             body = _decode(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError):
@@ -117,6 +134,52 @@ class Cohorly(Dialect):
                 records.append(record)
         except Invalid as exc:
             return Failure(kind="bad_request", message=str(exc))
+        return Batch(records=records)
+
+    def _track_fast(self, request: Incoming) -> Batch | None:
+        """/track for a body that is entirely valid, decoded straight into
+        typed records; None for anything else, which the general path then
+        answers with the exact error (so the two can never disagree)."""
+        try:
+            body = _decode_track(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        items = body if type(body) is list else [body]
+        if not items or len(items) > self.config.max_batch:
+            return None
+        header_token = request.headers.get("x-cohorly-token")
+        credentials = self.credentials
+        received_at = request.received_at
+        context = request_context(request)
+        records: list[Record] = []
+        for item in items:
+            name, props = item.event, item.properties
+            distinct_id = props.get("distinct_id")
+            time = props.get("time", received_at)
+            insert_id = props.get("$insert_id")
+            token = props.get("token", header_token)
+            if (
+                not name
+                or type(distinct_id) is not str or not distinct_id
+                or type(time) is not int or not 0 <= time <= MAX_TIME_MS
+                or (insert_id is not None and (type(insert_id) is not str or not 0 < len(insert_id) <= MAX_INSERT_ID))
+                or type(token) is not str
+            ):
+                return None
+            project = credentials.get(token)
+            if project is None:
+                return None
+            records.append(Event(
+                project=project,
+                source=self.name,
+                name=name,
+                distinct_id=distinct_id,
+                time=time,
+                received_at=received_at,
+                insert_id=insert_id,
+                properties={k: v for k, v in props.items() if k not in _LIFTED},
+                context=context,
+            ))
         return Batch(records=records)
 
     def _items(self, body: Any) -> tuple[list[Any], bool]:

@@ -334,3 +334,46 @@ def test_render_refusals() -> None:
         503,
         {"retry-after": "5"},
     )
+
+
+# -- the /track fast path never disagrees with the general path --------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-10, max_value=2**64), st.floats(allow_nan=True),
+    st.sampled_from(["", "u1", "tok_shop", "tok_blog", "nope", "x" * 300, "e\u0000"]),
+)
+_props = st.dictionaries(
+    st.sampled_from(["distinct_id", "time", "$insert_id", "token", "plan", "$lib"]),
+    st.one_of(_scalars, st.lists(_scalars, max_size=2), st.dictionaries(st.text(max_size=3), _scalars, max_size=2)),
+)
+_item = st.one_of(
+    st.fixed_dictionaries({"event": _scalars, "properties": _props}, optional={"extra": _scalars}),
+    st.fixed_dictionaries({}, optional={"event": _scalars, "properties": st.one_of(_props, _scalars)}),
+    _scalars,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.one_of(_item, st.lists(_item, max_size=4)), header=st.sampled_from([None, "tok_shop", "nope"]))
+def test_track_fast_path_agrees_with_the_general_path(body: Any, header: str | None) -> None:
+    request = incoming("track", body, {"X-Cohorly-Token": header} if header else None)
+    fast = dialect._track_fast(request)
+    general = dialect._translate_general(request)
+    if fast is not None:
+        assert isinstance(general, Batch)
+        assert fast.records == general.records
+    # Whatever the path, translate answers as the general path does.
+    assert dialect.translate(request) == general
+
+
+@pytest.mark.parametrize(
+    "name", ["node_track_batch.json", "python_buffered_track.json", "python_consumer_track.json", "web_beacon_track.json"]
+)
+def test_track_fast_path_takes_what_the_sdks_send(name: str) -> None:
+    request = incoming("track", payload(name), {"X-Cohorly-Token": "tok_shop"})
+    fast = dialect._track_fast(request)
+    assert fast is not None
+    assert fast == dialect._translate_general(request)
