@@ -433,7 +433,10 @@ def report(rows: list[dict], ceilings: dict[str, float]) -> None:
     if "http-ceiling-single" in by:
         ceiling = by["http-ceiling-single"]["rps"]
         if "cohorly-single" in by:
-            checks.append(("single /track / HTTP ceiling", by["cohorly-single"]["rps"] / ceiling, 0.6))
+            checks.append(("single /track (PG + Redis) / HTTP ceiling", by["cohorly-single"]["rps"] / ceiling, 0.6))
+        if "cohorly-single-sqlite" in by:
+            checks.append(("single /track (SQLite default) / HTTP ceiling",
+                           by["cohorly-single-sqlite"]["rps"] / ceiling, 0.6))
         if "reject-bad-token" in by:
             checks.append(("reject path / HTTP ceiling", by["reject-bad-token"]["rps"] / ceiling, 0.8))
     if "cohorly-batch50" in by:
