@@ -152,6 +152,7 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
                     break
             else:
                 time.sleep(0.2)
+        stop()  # again: a signal during start-up reached only the workers started by then
         deadline = time.monotonic() + graceful_timeout + 5
         for child in children:
             try:
