@@ -109,6 +109,9 @@ function setup(thread)
   table.insert(threads, thread)
   thread:set("tid", #threads)
 end
+function init(args)
+  math.randomseed(os.time() * 100 + tid)
+end
 request = function()
   counter = counter + 1
   local id = nonce .. "-" .. tid .. "-" .. counter
@@ -119,7 +122,9 @@ response = function(status, hdrs, body)
   if status >= 200 and status < 300 then ok = ok + 1 else non2xx = non2xx + 1 end
 end
 if pace > 0 then
-  delay = function() return pace end
+  -- Uniform on [0, 2 * pace]: the connections drift apart instead of
+  -- sending in lock-step bursts, as independent SDK clients do.
+  delay = function() return math.random(0, 2 * pace) end
 end
 done = function(summary, latency, requests)
   local total_ok, total_bad = 0, 0
@@ -352,10 +357,15 @@ def main() -> int:
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
             if scenario.name == "cohorly-single":
-                # p99 at half the maximum rate, paced by wrk's delay() per connection.
+                # p99 at half the maximum rate, paced by wrk's delay() per
+                # connection: a short run measures the latency at that pace,
+                # the pace is corrected for it, then the measured run.
                 half = row["rps"] / 2
                 conns = 16
                 pace = max(1, int(conns * 1000 / half))
+                probe = wrk(url, scenario, 3, nonce + "q", pace_ms=pace, connections=conns)
+                latency_ms = conns * 1000 / probe["rps"] - pace
+                pace = max(1, int(conns * 1000 / half - latency_ms))
                 paced = wrk(url, scenario, args.seconds, nonce + "p", pace_ms=pace, connections=conns)
                 paced_row = {"scenario": "cohorly-single@half", "backend": "pg", **paced,
                              "eps": paced["ok"] / paced["seconds"], "rss": proc.memory()}
