@@ -167,7 +167,7 @@ def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]
 def _beyond_types_ok(parsed: _Schema) -> bool:
     """The checks msgspec cannot express, on a converted value (nested
     schemas included); False sends the value to the full walk in `_check`."""
-    if parsed.needs_an_id and getattr(parsed, "anonymous_id") is None and getattr(parsed, "external_id") is None:
+    if parsed.needs_an_id and parsed.anonymous_id is None and parsed.external_id is None:  # type: ignore[attr-defined]
         return False
     for field in _fields(type(parsed)):
         item = getattr(parsed, field.name)

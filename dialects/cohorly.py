@@ -169,17 +169,9 @@ class Cohorly(Dialect):
             project = credentials.get(token)
             if project is None:
                 return None
-            records.append(Event(
-                project=project,
-                source=self.name,
-                name=name,
-                distinct_id=distinct_id,
-                time=time,
-                received_at=received_at,
-                insert_id=insert_id,
-                properties={k: v for k, v in props.items() if k not in _LIFTED},
-                context=context,
-            ))
+            records.append(
+                self._track_event(project, name, props, distinct_id, time, insert_id, received_at, context)
+            )
         return Batch(records=records)
 
     def _items(self, body: Any) -> tuple[list[Any], bool]:
@@ -230,13 +222,20 @@ class Cohorly(Dialect):
         project = self._project(props.get("token"), header_token)
         if project is None:
             return None
+        return self._track_event(project, name, props, distinct_id, time, insert_id, request.received_at, context)
+
+    def _track_event(
+        self, project: str, name: str, props: dict[str, Any], distinct_id: str, time: int,
+        insert_id: str | None, received_at: int, context: dict[str, Any],
+    ) -> Event:
+        """The canonical event of a validated /track record (both paths)."""
         return Event(
             project=project,
             source=self.name,
             name=name,
             distinct_id=distinct_id,
             time=time,
-            received_at=request.received_at,
+            received_at=received_at,
             insert_id=insert_id,
             properties={k: v for k, v in props.items() if k not in _LIFTED},
             context=context,

@@ -312,16 +312,13 @@ _PG_INSERT = (
     ") ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
 )
 _SQLITE_ROW = "(" + ",".join("?" * 13) + ")"
-_SQLITE_INSERT = (
-    f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
-    "ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
-)
-# How long a group waits for SQLite's write lock held by another process.
-_LOCK_WAIT = 30.0
 _SQLITE_INSERT_PLAIN = (
     f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES {{values}} "
     "ON CONFLICT (project, source, insert_id) DO NOTHING"
 )
+_SQLITE_INSERT = _SQLITE_INSERT_PLAIN + " RETURNING project, source, insert_id"
+# How long a group waits for SQLite's write lock held by another process.
+_LOCK_WAIT = 30.0
 # SQLite allows 32766 bound values per statement: 2000 rows of 13.
 _SQLITE_ROWS = 2000
 # Ids per IN list and rows per multi-row upsert in the identity, profile and
