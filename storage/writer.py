@@ -137,6 +137,11 @@ class Writer:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._sqlite_events = SqliteEvents.for_url(engine.url) if self._backend is Backend.SQLITE else None
+        # PostgreSQL: each lane's events-only groups go through a connection
+        # of its own, one statement each.
+        self._pg_events = (
+            [PgEvents(engine) for _ in range(count)] if self._backend is Backend.POSTGRESQL else []
+        )
 
     def start(self) -> None:
         self._tasks = [
@@ -154,6 +159,8 @@ class Writer:
         self._tasks = []
         if self._sqlite_events is not None:
             await self._sqlite_events.close()
+        for pg in self._pg_events:
+            await pg.close()
 
     def _enqueue(self, pending: _Pending) -> None:
         if not pending.records or any(type(r) is not Event for r in pending.records):
@@ -206,7 +213,7 @@ class Writer:
                 group.append(item)
                 rows += item.rows
             try:
-                await self._flush(group)
+                await self._flush(group, lane)
             except Exception:  # never let the writer die
                 log.exception("writer flush failed")
                 for pending in group:
@@ -214,14 +221,14 @@ class Writer:
             finally:
                 self._load[lane] -= rows
 
-    async def _flush(self, group: list[_Pending], *, retried: bool = False) -> None:
+    async def _flush(self, group: list[_Pending], lane: int = 0, *, retried: bool = False) -> None:
         try:
-            results = await self._write(group)
+            results = await self._write(group, lane)
         except Exception as exc:
             if isinstance(exc, DBAPIError) and exc.connection_invalidated and not retried:
                 # A pooled connection died while idle (say, the server
                 # restarted): nothing was written; try once on a fresh one.
-                await self._flush(group, retried=True)
+                await self._flush(group, lane, retried=True)
                 return
             if is_unavailable(exc):
                 log.warning("database unavailable: %s", _short(exc))
@@ -234,20 +241,23 @@ class Writer:
                 return
             # Find the culprit: every request alone, the good ones still commit.
             for pending in group:
-                await self._flush([pending])
+                await self._flush([pending], lane)
             return
         for pending, written in zip(group, results):
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(written)
 
-    async def _write(self, group: list[_Pending]) -> list[Written]:
+    async def _write(self, group: list[_Pending], lane: int) -> list[Written]:
         results = [Written() for _ in group]
-        if self._sqlite_events is not None and all(
+        if (self._sqlite_events is not None or self._pg_events) and all(
             not p.rejections and all(type(r) is Event for r in p.records) for p in group
         ):
             fresh, owner = _plan_events(group, results)
             if fresh:
-                stored = await self._sqlite_events.insert(_sqlite_rows(fresh))
+                if self._sqlite_events is not None:
+                    stored = await self._sqlite_events.insert(_sqlite_rows(fresh))
+                else:
+                    stored = await self._pg_events[lane].insert(json_text(fresh))
                 _settle_events(owner, stored, results)
             return results
         async with self._engine.begin() as conn:
@@ -500,6 +510,69 @@ class SqliteEvents:
                 self._disconnect()  # start afresh on the next group
             raise
         return stored
+
+
+class PgEvents:
+    """PostgreSQL's path for groups of events only: the insert as one
+    statement, with no transaction block around it, on a connection the lane
+    keeps checked out.
+
+    A statement outside a block is its own transaction, committed (and, with
+    the server's default synchronous_commit, flushed) before its result
+    comes back, so a group costs one round trip instead of three (BEGIN,
+    INSERT, COMMIT), and none of SQLAlchemy's per-transaction work: about a
+    sixth of the CPU a group cost through `engine.begin()`, which is most of
+    a lone request's cost at low load.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        self._driver: Any = None  # the asyncpg connection
+
+    async def insert(self, payload: str) -> set[tuple[str, str, str]]:
+        """Insert the JSON array of events; the keys stored."""
+        fresh = self._driver is None
+        if fresh:
+            await self._checkout()
+        try:
+            rows = await self._driver.fetch(_PG_INSERT, payload)
+        except Exception:
+            if not self._driver.is_closed():
+                raise  # the data or the statement, not the connection
+            # The connection died (say, while idle across a server restart):
+            # once more on a fresh one, as the transaction path does.
+            await self._discard()
+            if fresh:
+                raise
+            return await self.insert(payload)
+        return {(p, s, i) for p, s, i in rows if i is not None}
+
+    async def _checkout(self) -> None:
+        conn = await self._engine.connect()
+        try:
+            self._driver = (await conn.get_raw_connection()).driver_connection
+        except BaseException:
+            await conn.close()
+            raise
+        self._conn = conn
+
+    async def _discard(self) -> None:
+        conn, self._conn, self._driver = self._conn, None, None
+        if conn is not None:
+            try:
+                await conn.invalidate()
+                await conn.close()
+            except Exception:
+                pass  # already gone; the pool has forgotten it
+
+    async def close(self) -> None:
+        conn, self._conn, self._driver = self._conn, None, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception as exc:  # the server went away: nothing to give back
+                log.warning("closing the events connection: %s", _short(exc))
 
 
 def _is_noop(update_: ProfileUpdate) -> bool:

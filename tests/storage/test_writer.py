@@ -231,3 +231,26 @@ async def test_two_writers_on_one_database_store_every_event_once(backend) -> No
     await engine_a.dispose()
     await engine_b.dispose()
     assert sorted(r["properties"]["n"] for r in rows) == list(range(1000))
+
+
+async def test_postgres_events_connection_killed_between_groups(postgres_backend) -> None:
+    """The events path keeps a connection per lane; when the server ends it
+    (here pg_terminate_backend, as a restart or an idle timeout would), the
+    next group goes through on a fresh one, and nothing is stored twice."""
+    engine, writer = await _writer(postgres_backend)
+    try:
+        first = await writer.submit([_event(n) for n in range(10)])
+        async with engine.begin() as conn:
+            killed = (await conn.exec_driver_sql(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle' "
+                "AND query LIKE 'INSERT INTO events%') AS t")).scalar()
+        second = await writer.submit([_event(n) for n in range(5, 20)])
+    finally:
+        await writer.close()
+    assert killed == 1
+    assert (first.inserted, first.duplicates) == (10, 0)
+    assert (second.inserted, second.duplicates) == (10, 5)
+    rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=1000, after=None)
+    await engine.dispose()
+    assert sorted(r["properties"]["n"] for r in rows) == list(range(20))
