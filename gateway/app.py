@@ -96,6 +96,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             yield
         finally:
             await writer.close()
+            await services.dedup.close()
             if link is not None:
                 await link.close()
             await engine.dispose()

@@ -13,9 +13,12 @@ import itertools
 import time
 from collections.abc import Iterable
 
-from gateway.redislink import Coalesce, RedisLink
+from gateway.redislink import Channel, Coalesce, RedisLink
 
 Key = tuple[str, str, str]  # project, source, insert_id
+
+# Seconds a remember waits for others to go with it.
+REMEMBER_LINGER = 0.02
 
 _REMEMBER = """
 local ttl = tonumber(ARGV[1])
@@ -62,7 +65,12 @@ class Dedup:
         self._local = LocalDedup(ttl_seconds, max_local_entries) if link is None else None
         self._remember = link.client.register_script(_REMEMBER) if link else None
         self._lookups: Coalesce[list[Key], set[Key]] = Coalesce(self._lookup)
-        self._stores: Coalesce[list[Key], set[Key]] = Coalesce(self._store)
+        self._lookup_channel = Channel(link) if link else None
+        self._store_channel = Channel(link) if link else None
+        # Nobody waits for a remember: it lingers a little to share its
+        # round trip with the next ones (a retry inside that time is still
+        # caught, by the database's unique key).
+        self._stores: Coalesce[list[Key], set[Key]] = Coalesce(self._store, linger=REMEMBER_LINGER)
 
     def _key(self, key: Key) -> str:
         assert self._link is not None
@@ -87,8 +95,12 @@ class Dedup:
             return
         self._stores.submit_nowait(keys)
 
+    async def close(self) -> None:
+        """Send the remembers still waiting (before the link closes)."""
+        await self._stores.settle()
+
     async def _lookup(self, requests: list[list[Key]]) -> list[set[Key]]:
-        assert self._link is not None
+        assert self._link is not None and self._lookup_channel is not None
         if not self._link.usable:
             return [set() for _ in requests]
         keys = [key for request in requests for key in request]
@@ -96,10 +108,12 @@ class Dedup:
         for key in keys:
             by_project[key[0]].append(key)
         try:
-            async with self._link.client.pipeline(transaction=False) as pipe:
-                for group in by_project.values():
-                    pipe.mget([self._key(k) for k in group])
-                replies = await pipe.execute()
+            replies = await self._lookup_channel.execute(
+                [("MGET", *[self._key(k) for k in group]) for group in by_project.values()]
+            )
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         except Exception as exc:
             self._link.failed("dedup lookup", exc)
             return [set() for _ in requests]
@@ -110,7 +124,7 @@ class Dedup:
         return [hits.intersection(request) for request in requests]
 
     async def _store(self, requests: list[list[Key]]) -> list[set[Key]]:
-        assert self._link is not None and self._remember is not None
+        assert self._link is not None and self._remember is not None and self._store_channel is not None
         done: list[set[Key]] = [set() for _ in requests]
         if not self._link.usable:
             return done
@@ -121,7 +135,7 @@ class Dedup:
         try:
             # One script call per project (its keys share a cluster slot).
             for redis_keys in by_project.values():
-                await self._remember(keys=redis_keys, args=[self._ttl])
+                await self._store_channel.script(self._remember, redis_keys, [self._ttl])
         except Exception as exc:
             self._link.failed("dedup remember", exc)
             return done

@@ -14,7 +14,7 @@ import os
 import time
 
 from dialects.base import SlidingWindow, TokenBucket
-from gateway.redislink import Coalesce, RedisLink
+from gateway.redislink import Channel, Coalesce, RedisLink
 
 # One admission per key, in order (a key may repeat: two requests of one
 # client). KEYS[i]: a window's sorted set; ARGV[3i-2..3i]: limit, window ms,
@@ -120,6 +120,7 @@ class Limiter:
         self._local = LocalLimiter()
         self._script = link.client.register_script(_SLIDING_WINDOW) if link else None
         self._admissions: Coalesce[tuple[str, SlidingWindow], int] = Coalesce(self._admit)
+        self._admit_channel = Channel(link) if link else None
         self._bucket = link.client.register_script(_TOKEN_BUCKET) if link else None
         self._nonce = itertools.count()
         self._pid = os.getpid()
@@ -134,14 +135,14 @@ class Limiter:
         return await self._admissions.submit((key, window))
 
     async def _admit(self, asks: list[tuple[str, SlidingWindow]]) -> list[int]:
-        assert self._link is not None and self._script is not None
+        assert self._link is not None and self._script is not None and self._admit_channel is not None
         keys: list[str] = []
         args: list[object] = []
         for key, window in asks:
             keys.append(self._link.key("rl", "{sliding}", key))
             args += [window.requests, window.per_seconds * 1000, f"{self._pid}:{next(self._nonce)}"]
         try:
-            waits = await self._script(keys=keys, args=args)
+            waits = await self._admit_channel.script(self._script, keys, args)
         except Exception as exc:
             self._link.failed("rate limiting", exc)
             return [0] * len(asks)

@@ -44,3 +44,34 @@ async def test_a_flush_that_raises_fails_its_callers_instead_of_hanging() -> Non
         await asyncio.wait_for(failed, 2)
     # The coalescer keeps working after the failure.
     assert await asyncio.wait_for(coalesce.submit(5), 2) == 5
+
+
+async def test_a_lingering_flush_gathers_the_calls_of_its_linger() -> None:
+    flushes: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushes.append(items)
+        return items
+
+    coalesce: Coalesce[int, int] = Coalesce(flush, linger=0.05)
+    coalesce.submit_nowait(1)
+    await asyncio.sleep(0.01)
+    coalesce.submit_nowait(2)
+    assert flushes == []  # still lingering
+    await asyncio.sleep(0.1)
+    assert flushes == [[1, 2]]
+
+
+async def test_settle_flushes_a_lingering_batch_at_once() -> None:
+    flushes: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int]:
+        flushes.append(items)
+        return items
+
+    coalesce: Coalesce[int, int] = Coalesce(flush, linger=30)
+    coalesce.submit_nowait(1)
+    coalesce.submit_nowait(2)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(coalesce.settle(), 1)
+    assert flushes == [[1, 2]]

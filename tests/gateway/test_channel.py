@@ -1,0 +1,66 @@
+"""gateway.redislink.Channel against a real Redis of the test's own: scripts
+by SHA (loaded when Redis does not know them), error replies returned, and a
+connection the server dropped replaced on the next call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from gateway.redislink import Channel, RedisLink
+from tests.support import OwnRedis
+
+pytestmark = pytest.mark.anyio
+
+_SCRIPT = "redis.call('INCR', KEYS[1]); return tonumber(redis.call('GET', KEYS[1])) * tonumber(ARGV[1])"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    yield server
+    server.kill()
+
+
+async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(own_redis) -> None:
+    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+    channel = Channel(link)
+    script = link.client.register_script(_SCRIPT)
+    try:
+        assert await channel.script(script, ["n"], [10]) == 10  # first call: NOSCRIPT, loaded
+        assert await channel.script(script, ["n"], [10]) == 20
+        await link.client.script_flush()  # as a restart would
+        assert await channel.script(script, ["n"], [10]) == 30
+        # Once per call, never twice: the counter moved by one each time.
+        assert await link.client.get("n") == b"3"
+    finally:
+        await link.close()
+
+
+async def test_replies_in_order_with_errors_returned(own_redis) -> None:
+    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+    channel = Channel(link)
+    try:
+        await link.client.set("a", "1")
+        replies = await channel.execute([("MGET", "a", "b"), ("INCR", "a"), ("LPUSH", "a", "x"), ("GET", "a")])
+        assert replies[:2] == [[b"1", None], 2]
+        assert isinstance(replies[2], redis.ResponseError) and "WRONGTYPE" in str(replies[2])
+        assert replies[3] == b"2"
+    finally:
+        await link.close()
+
+
+async def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(own_redis) -> None:
+    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+    channel = Channel(link)
+    try:
+        assert await channel.execute([("CLIENT", "SETNAME", "channel")]) == [b"OK"]
+        assert await link.client.client_kill_filter(_type="normal", skipme=True) >= 1
+        with pytest.raises(redis.ConnectionError):
+            await channel.execute([("PING",)])
+        assert await channel.execute([("PING",)]) == [b"PONG"]
+    finally:
+        await link.close()
