@@ -136,10 +136,13 @@ class Cohorly(Dialect):
             return Failure(kind="bad_request", message=str(exc))
         return Batch(records=records)
 
-    def _track_fast(self, request: Incoming) -> Batch | None:
+    def _track_fast(self, request: Incoming) -> Batch | Failure | None:
         """/track for a body that is entirely valid, decoded straight into
         typed records; None for anything else, which the general path then
-        answers with the exact error (so the two can never disagree)."""
+        answers with the exact error (so the two can never disagree). One
+        error is answered here: an unknown token on a record that is
+        otherwise valid, after valid records, which is all the general path
+        would have looked at (the reject path's common case)."""
         try:
             body = _decode_track(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -168,7 +171,7 @@ class Cohorly(Dialect):
                 return None
             project = credentials.get(token)
             if project is None:
-                return None
+                return Failure(kind="unauthorized", message="invalid token")
             records.append(
                 self._track_event(project, name, props, distinct_id, time, insert_id, received_at, context)
             )

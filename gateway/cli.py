@@ -8,17 +8,8 @@ import logging
 import os
 import sys
 
+from gateway import logs
 from gateway.config import ConfigError, Settings, load
-
-
-def configure_logging() -> None:
-    # One line per rejected request is on the reject path's hot loop: skip the
-    # thread and process bookkeeping each record would otherwise gather.
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
     args = parser.parse_args(argv)
-    configure_logging()
+    logs.configure()
 
     try:
         settings = load(args.file if args.command == "check-config" else args.config)

@@ -154,6 +154,29 @@ class Coalesce(Generic[T, R]):
             self._running = False
 
 
+def pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """RESP for commands whose arguments are str, bytes, int or float:
+    what the request path sends (the client's general encoder costs more
+    than the round trip at a few dozen arguments a call)."""
+    out: list[bytes] = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            kind = type(arg)
+            if kind is str:
+                data = arg.encode()
+            elif kind is bytes:
+                data = arg
+            elif kind is int:
+                data = b"%d" % arg
+            elif kind is float:
+                data = repr(arg).encode()
+            else:
+                raise TypeError(f"cannot send a {kind.__name__} to Redis")
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 class Channel:
     """A connection of the link's pool kept by one coalesced call kind (a
     Coalesce never has two flushes in flight, so it never shares it), with
@@ -185,7 +208,7 @@ class Channel:
         if conn is None:
             conn = self._conn = await pool.get_connection()
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(pack(commands), check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:

@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from gateway import logs
+
 log = logging.getLogger("dialgate")
 
 # After SIGTERM, how long a worker must see no request before it stops.
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graceful-timeout", type=float, default=10.0)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure()
     if args.workers > 1 and not args.worker:
         child = [sys.executable, "-m", "gateway.serve", args.app, "--bind", args.bind,
                  "--graceful-timeout", str(args.graceful_timeout), "--worker"]
