@@ -64,3 +64,14 @@ async def test_a_dropped_connection_fails_one_call_and_the_next_reconnects(own_r
         assert await channel.execute([("PING",)]) == [b"PONG"]
     finally:
         await link.close()
+
+
+def test_pack_writes_what_the_client_would() -> None:
+    from redis.asyncio.connection import Connection
+
+    from gateway.redislink import pack
+
+    commands = [("EVALSHA", "f00", 2, "k1", b"k\xff2", 100, 1.5, "\u00e9"), ("MGET", "a"), ("PING",)]
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
+    with pytest.raises(TypeError):
+        pack([("SET", "k", None)])
