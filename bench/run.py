@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,9 @@ class Scenario:
     connections: int = 32
     source: str = "cohorly"
     expect_2xx: bool = True
+    # What its ratio is taken against: another scenario's name, or
+    # "storage:postgres" / "storage:sqlite" (the storage ceilings).
+    ref: str = ""
 
 
 def scenarios() -> list[Scenario]:
@@ -76,23 +80,50 @@ def scenarios() -> list[Scenario]:
     return [
         Scenario("http-ceiling-single", "noop", "/track", cohorly_event(0), 1, token, 64),
         Scenario("http-ceiling-batch500", "noop", "/track", batch(500), 500, token, 8),
-        Scenario("cohorly-single", "pg", "/track", cohorly_event(0), 1, token, 64),
+        Scenario("cohorly-single", "pg", "/track", cohorly_event(0), 1, token, 64, ref="http-ceiling-single"),
         Scenario("cohorly-batch50", "pg", "/track", batch(50), 50, token, 16),
-        Scenario("cohorly-batch500", "pg", "/track", batch(500), 500, token, 16),
-        Scenario("cohorly-single-sqlite", "sqlite", "/track", cohorly_event(0), 1, token, 64),
-        Scenario("cohorly-batch500-sqlite", "sqlite", "/track", batch(500), 500, token, 16),
+        Scenario("cohorly-batch500", "pg", "/track", batch(500), 500, token, 16, ref="storage:postgres"),
+        Scenario("cohorly-single-sqlite", "sqlite", "/track", cohorly_event(0), 1, token, 64,
+                 ref="http-ceiling-single"),
+        Scenario("cohorly-batch500-sqlite", "sqlite", "/track", batch(500), 500, token, 16, ref="storage:sqlite"),
         Scenario("inslytic-batch1000", "pg", "/v1/ingest",
                  '{"events":[' + ",".join(inslytic_event(i) for i in range(1000)) + "]}", 1000,
-                 {"Authorization": "Bearer ins_bench", "Content-Type": "application/json"}, 8, "inslytic"),
+                 {"Authorization": "Bearer ins_bench", "Content-Type": "application/json"}, 8, "inslytic",
+                 ref="cohorly-batch50"),
         Scenario("client-events50", "pg", "/api/client/events",
                  "[" + ",".join(client_event(i) for i in range(50)) + "]", 50,
-                 {"Authorization": "Bearer pk_bench", "Content-Type": "application/json"}, 16, "client"),
+                 {"Authorization": "Bearer pk_bench", "Content-Type": "application/json"}, 16, "client",
+                 ref="cohorly-batch50"),
         Scenario("collect-batch100", "pg", "/events/batch?tc_s=4242&token=src_bench",
                  '{"batch":[' + ",".join(collect_event(i) for i in range(100)) + "]}", 100,
-                 {"Content-Type": "text/plain;charset=UTF-8"}, 16, "collect"),
+                 {"Content-Type": "text/plain;charset=UTF-8"}, 16, "collect", ref="cohorly-batch50"),
         Scenario("reject-bad-token", "pg", "/track", cohorly_event(0), 0,
-                 {"X-Cohorly-Token": "not-a-token", "Content-Type": "application/json"}, 64, expect_2xx=False),
+                 {"X-Cohorly-Token": "not-a-token", "Content-Type": "application/json"}, 64, expect_2xx=False,
+                 ref="http-ceiling-single"),
     ]
+
+
+# The targets of the benchmark issue: scenario -> (label, least ratio to its ref).
+TARGETS = {
+    "cohorly-batch500": ("batch-500 PG / PG storage ceiling", 0.8),
+    "cohorly-batch500-sqlite": ("batch-500 SQLite / SQLite ceiling", 0.5),
+    "cohorly-single": ("single /track (PG + Redis) / HTTP ceiling", 0.6),
+    "cohorly-single-sqlite": ("single /track (SQLite default) / HTTP ceiling", 0.6),
+    "reject-bad-token": ("reject path / HTTP ceiling", 0.8),
+    "inslytic-batch1000": ("inslytic-batch1000 / cohorly-batch50 events/s", 0.8),
+    "client-events50": ("client-events50 / cohorly-batch50 events/s", 0.8),
+    "collect-batch100": ("collect-batch100 / cohorly-batch50 events/s", 0.8),
+}
+
+
+def combine(results: list[dict]) -> dict:
+    """Rounds of one scenario as one run: counts summed, the median p50 and
+    the largest p99 of the rounds."""
+    total = {k: sum(r[k] for r in results) for k in ("requests", "ok", "non2xx", "seconds", "errors")}
+    total["p50"] = statistics.median(r["p50"] for r in results)
+    total["p99"] = max(r["p99"] for r in results)
+    total["rps"] = total["requests"] / total["seconds"]
+    return total
 
 
 LUA = r"""
@@ -287,6 +318,9 @@ def main() -> int:
     # One worker per core, as a deployment would run it (the HTTP ceiling
     # runs with the same count).
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="a compared scenario runs in this many rounds, each right after a fresh measurement "
+                             "of what it is compared to; its ratio is the median of the rounds'")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -330,15 +364,31 @@ def main() -> int:
             return asyncio.run(pg_count(bench_dsn, source, since))
         return sqlite_count(str(sqlite_path), source, since)
 
+    def storage_ceiling(kind: str, seconds: float) -> float:
+        target = bench_dsn if kind == "postgres" else str(work / "ceiling.db")
+        out = subprocess.run([PY, str(ROOT / "bench" / "ceiling.py"), kind, target, str(seconds)],
+                             capture_output=True, text=True, check=True).stdout
+        return float(json.loads(out)["events_per_s"])
+
+    refs_run = 0
+
+    def reference(ref: str, seconds: float) -> float:
+        """A fresh measurement of what a scenario is compared to."""
+        nonlocal refs_run
+        if ref.startswith("storage:"):
+            return storage_ceiling(ref.removeprefix("storage:"), seconds)
+        other = next(s for s in scenarios() if s.name == ref)
+        refs_run += 1
+        result = wrk(f"http://127.0.0.1:{server(other.backend).port}", other, seconds, f"ref{NONCE}{refs_run}")
+        return result["rps"] if other.backend == "noop" else result["ok"] * other.events / result["seconds"]
+
     ceilings: dict[str, float] = {}
     try:
         print(f"# {time.strftime('%Y-%m-%d %H:%M')} {os.cpu_count()} cores, workers={args.workers}, "
               f"{args.seconds:.0f} s per scenario", flush=True)
         if not only or "storage-ceiling" in only:
-            for kind, target in (("postgres", bench_dsn), ("sqlite", str(work / "ceiling.db"))):
-                out = subprocess.run([PY, str(ROOT / "bench" / "ceiling.py"), kind, target, str(min(args.seconds, 10))],
-                                     capture_output=True, text=True, check=True).stdout
-                ceilings[kind] = json.loads(out)["events_per_s"]
+            for kind in ("postgres", "sqlite"):
+                ceilings[kind] = storage_ceiling(kind, min(args.seconds, 10))
                 print(f"# storage ceiling {kind}: {ceilings[kind]:,.0f} events/s", flush=True)
         for scenario in chosen:
             proc = server(scenario.backend)
@@ -346,9 +396,23 @@ def main() -> int:
             wrk(url, scenario, 2, "warm" + NONCE)  # warm-up, not counted
             since = str(int(time.time() * 1000))
             nonce = f"{NONCE}{len(rows)}"
-            result = wrk(url, scenario, args.seconds, nonce)
+            # Compared scenarios alternate with what they are compared to, so
+            # the ratio is of two measurements seconds apart (the machine's
+            # speed drifts by tens of percent over minutes).
+            rounds = max(1, args.rounds) if scenario.ref else 1
+            results, refs = [], []
+            for r in range(rounds):
+                if scenario.ref:
+                    refs.append(reference(scenario.ref, args.seconds / rounds))
+                results.append(wrk(url, scenario, args.seconds / rounds, f"{nonce}r{r}"))
+            result = combine(results)
             row = {"scenario": scenario.name, "backend": scenario.backend, **result,
                    "eps": result["ok"] * scenario.events / result["seconds"], "rss": proc.memory()}
+            if scenario.ref:
+                mine = [(x["rps"] if scenario.ref.startswith("http-") else x["ok"] * scenario.events / x["seconds"])
+                        for x in results]
+                row["ratio"] = statistics.median(m / ref for m, ref in zip(mine, refs))
+                row["refs"] = refs
             if scenario.backend != "noop":
                 time.sleep(1)  # let in-flight requests at wrk's cut-off finish
                 stored = count(scenario.backend, scenario.source, since)
@@ -435,26 +499,17 @@ def report(rows: list[dict], ceilings: dict[str, float]) -> None:
               f"| {r.get('stored', '-'):>9} | {r.get('missing', '-'):>7} |")
     by = {r["scenario"]: r for r in rows}
     print()
-    checks: list[tuple[str, float, float]] = []
-    if "postgres" in ceilings and "cohorly-batch500" in by:
-        checks.append(("batch-500 PG / PG storage ceiling", by["cohorly-batch500"]["eps"] / ceilings["postgres"], 0.8))
-    if "sqlite" in ceilings and "cohorly-batch500-sqlite" in by:
-        checks.append(("batch-500 SQLite / SQLite ceiling", by["cohorly-batch500-sqlite"]["eps"] / ceilings["sqlite"], 0.5))
-    if "http-ceiling-single" in by:
-        ceiling = by["http-ceiling-single"]["rps"]
-        if "cohorly-single" in by:
-            checks.append(("single /track (PG + Redis) / HTTP ceiling", by["cohorly-single"]["rps"] / ceiling, 0.6))
-        if "cohorly-single-sqlite" in by:
-            checks.append(("single /track (SQLite default) / HTTP ceiling",
-                           by["cohorly-single-sqlite"]["rps"] / ceiling, 0.6))
-        if "reject-bad-token" in by:
-            checks.append(("reject path / HTTP ceiling", by["reject-bad-token"]["rps"] / ceiling, 0.8))
-    if "cohorly-batch50" in by:
-        for name in ("inslytic-batch1000", "client-events50", "collect-batch100"):
-            if name in by:
-                checks.append((f"{name} / cohorly-batch50 events/s", by[name]["eps"] / by["cohorly-batch50"]["eps"], 0.8))
-    for name, ratio, target in checks:
-        print(f"{name:<48} {ratio:6.2f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW TARGET'}")
+    if ceilings:
+        print("storage ceilings at the start of the run: "
+              + ", ".join(f"{kind} {rate:,.0f} events/s" for kind, rate in ceilings.items()))
+    for name, (label, target) in TARGETS.items():
+        row = by.get(name)
+        if row is None or "ratio" not in row:
+            continue
+        ratio = row["ratio"]
+        refs = ", ".join(f"{x:,.0f}" for x in row["refs"])
+        print(f"{label:<48} {ratio:6.2f}  (target >= {target})  {'ok' if ratio >= target else 'BELOW TARGET'}"
+              f"  [median of {len(row['refs'])} rounds; reference per round: {refs}]")
     if "cohorly-single@half" in by:
         p99 = by["cohorly-single@half"]["p99"]
         print(f"{'single /track p99 at half the max rate':<48} {p99:6.1f} ms (target <= 25)  {'ok' if p99 <= 25 else 'BELOW TARGET'}")

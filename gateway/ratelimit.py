@@ -1,4 +1,5 @@
-"""Rate limits: one Lua script call per request in Redis, or in-process.
+"""Rate limits: Lua scripts in Redis (the calls of concurrent requests
+coalesced into one), or in-process.
 
 The sliding window is a log of admission times: at most `requests` admitted
 in any window of `per_seconds`. The Redis script takes its clock from Redis
@@ -42,25 +43,32 @@ return out
 """
 
 
-# KEYS[1]: the bucket's counter. ARGV: capacity, cost, window ms.
-# A missing key is a full bucket; taking from it opens a window that ends when
-# the key expires, and the bucket is full again for the next request.
-# Returns 0 when the cost was taken, else the milliseconds until the refill.
+# One take per key, in order (a key may repeat: two requests of one
+# project). KEYS[i]: a bucket's counter; ARGV[3i-2..3i]: capacity, cost,
+# window ms. A missing key is a full bucket; taking from it opens a window
+# that ends when the key expires, and the bucket is full again for the next
+# request. Returns per key 0 when the cost was taken, else the milliseconds
+# until the refill. Like the sliding window, concurrent requests share one
+# call, and the keys share a hash tag.
 _TOKEN_BUCKET = """
-local capacity = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local left = redis.call('GET', KEYS[1])
-if not left then
-  redis.call('SET', KEYS[1], capacity - cost, 'PX', tonumber(ARGV[3]))
-  return 0
+local out = {}
+for i = 1, #KEYS do
+  local capacity = tonumber(ARGV[3 * i - 2])
+  local cost = tonumber(ARGV[3 * i - 1])
+  local left = redis.call('GET', KEYS[i])
+  if not left then
+    redis.call('SET', KEYS[i], capacity - cost, 'PX', tonumber(ARGV[3 * i]))
+    out[i] = 0
+  elseif tonumber(left) >= cost then
+    redis.call('DECRBY', KEYS[i], cost)
+    out[i] = 0
+  else
+    local ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 1 then ttl = 1 end
+    out[i] = ttl
+  end
 end
-if tonumber(left) >= cost then
-  redis.call('DECRBY', KEYS[1], cost)
-  return 0
-end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 1 then ttl = 1 end
-return ttl
+return out
 """
 
 
@@ -122,6 +130,8 @@ class Limiter:
         self._admissions: Coalesce[tuple[str, SlidingWindow], int] = Coalesce(self._admit)
         self._admit_channel = Channel(link) if link else None
         self._bucket = link.client.register_script(_TOKEN_BUCKET) if link else None
+        self._takes: Coalesce[tuple[str, TokenBucket, int], int] = Coalesce(self._take)
+        self._take_channel = Channel(link) if link else None
         self._nonce = itertools.count()
         self._pid = os.getpid()
 
@@ -157,13 +167,19 @@ class Limiter:
             return await self._local.bucket(key, bucket, cost)
         if not self._link.usable:
             return 0
+        return await self._takes.submit((key, bucket, cost))
+
+    async def _take(self, asks: list[tuple[str, TokenBucket, int]]) -> list[int]:
+        assert self._link is not None and self._bucket is not None and self._take_channel is not None
+        keys: list[str] = []
+        args: list[object] = []
+        for key, bucket, cost in asks:
+            keys.append(self._link.key("tb", "{bucket}", key))
+            args += [bucket.capacity, cost, bucket.per_seconds * 1000]
         try:
-            wait = await self._bucket(
-                keys=[self._link.key("tb", "{" + key + "}")],
-                args=[bucket.capacity, cost, bucket.per_seconds * 1000],
-            )
+            waits = await self._take_channel.script(self._bucket, keys, args)
         except Exception as exc:
             self._link.failed("rate limiting", exc)
-            return 0
+            return [0] * len(asks)
         self._link.succeeded()
-        return int(wait)
+        return [int(w) for w in waits]

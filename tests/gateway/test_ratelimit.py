@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.support import gateway, settings_for
+from tests.support import ADMIN, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -37,3 +37,24 @@ async def test_concurrent_requests_in_process_stay_exact(sqlite_backend) -> None
         )
     codes = [r.status_code for r in replies]
     assert codes.count(200) == 7 and codes.count(429) == 18
+
+
+async def test_concurrent_inslytic_batches_of_two_gateways_take_one_exact_bucket(postgres_backend) -> None:
+    # Concurrent takes go to Redis in one script call, in order: 100 tokens,
+    # 30 batches of 10 from two gateways, exactly 10 batches get in whole.
+    settings = settings_for(postgres_backend, dialects={"inslytic": {"events_per_minute": 100}})
+
+    def batch(n: int) -> dict:
+        return {"events": [{"eventName": f"b{n}-{i}", "timestamp": "2026-02-16T10:30:00.000Z",
+                            "anonymousId": "anon-1", "sessionId": "s", "consentGiven": True} for i in range(10)]}
+
+    headers = {"Authorization": "Bearer ins_shop"}
+    async with gateway(settings) as one, gateway(settings) as two:
+        replies = await asyncio.gather(
+            *[c.post("/v1/ingest", headers=headers, json=batch(n)) for n, c in enumerate((one, two) * 15)]
+        )
+        events = (await one.get("/admin/v1/projects/shop/events?limit=1000", headers=ADMIN)).json()["events"]
+    codes = [r.status_code for r in replies]
+    assert codes.count(202) == 10 and codes.count(429) == 20
+    accepted = {n for n, r in enumerate(replies) if r.status_code == 202}
+    assert sorted(e["name"] for e in events) == sorted(f"b{n}-{i}" for n in accepted for i in range(10))
