@@ -172,6 +172,10 @@ class Cohorly(Dialect):
             project = credentials.get(token)
             if project is None:
                 return Failure(kind="unauthorized", message="invalid token")
+            # Decoded for this request alone: the lifted keys come out in
+            # place (a copy per event was a tenth of a batch's translation).
+            for key in _LIFTED:
+                props.pop(key, None)
             records.append(
                 self._track_event(project, name, props, distinct_id, time, insert_id, received_at, context)
             )
@@ -225,13 +229,17 @@ class Cohorly(Dialect):
         project = self._project(props.get("token"), header_token)
         if project is None:
             return None
-        return self._track_event(project, name, props, distinct_id, time, insert_id, request.received_at, context)
+        properties = {k: v for k, v in props.items() if k not in _LIFTED}
+        return self._track_event(
+            project, name, properties, distinct_id, time, insert_id, request.received_at, context
+        )
 
     def _track_event(
-        self, project: str, name: str, props: dict[str, Any], distinct_id: str, time: int,
+        self, project: str, name: str, properties: dict[str, Any], distinct_id: str, time: int,
         insert_id: str | None, received_at: int, context: dict[str, Any],
     ) -> Event:
-        """The canonical event of a validated /track record (both paths)."""
+        """The canonical event of a validated /track record (both paths);
+        `properties` without the lifted keys."""
         return Event(
             project=project,
             source=self.name,
@@ -240,7 +248,7 @@ class Cohorly(Dialect):
             time=time,
             received_at=received_at,
             insert_id=insert_id,
-            properties={k: v for k, v in props.items() if k not in _LIFTED},
+            properties=properties,
             context=context,
         )
 
