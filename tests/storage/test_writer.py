@@ -254,3 +254,24 @@ async def test_postgres_events_connection_killed_between_groups(postgres_backend
     rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=1000, after=None)
     await engine.dispose()
     assert sorted(r["properties"]["n"] for r in rows) == list(range(20))
+
+
+async def test_a_request_of_events_and_profile_work_is_stored_whole_or_not_at_all(backend) -> None:
+    """The events of a request that also updates a profile go in the same
+    transaction (on PostgreSQL straight on the driver, inside it): when the
+    profile write is refused, the events are not stored either."""
+    engine = create_engine(backend["storage_url"])
+    await upgrade(engine)
+    # A clock no BIGINT can hold: the profile's created_at is refused, after
+    # the events were inserted.
+    writer = Writer(engine, clock=lambda: 2**70)
+    writer.start()
+    update = ProfileUpdate(project="shop", source="cohorly", distinct_id="u", time=1, set={"a": 1})
+    try:
+        with pytest.raises(Unstorable):
+            await writer.submit([_event(1), _event(2), update])
+    finally:
+        await writer.close()
+    rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=100, after=None)
+    await engine.dispose()
+    assert rows == []
