@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 log = logging.getLogger("dialgate.redis")
@@ -203,6 +204,20 @@ class Channel:
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies in order; an error reply is returned, not raised."""
+        kept = self._conn is not None
+        try:
+            return await self._execute(commands)
+        except RedisConnectionError:
+            if not kept:
+                raise
+            # The connection kept from an earlier call was closed since
+            # (Redis restarted, or dropped it idle): once more on a new one,
+            # as the client itself retries. Should Redis have run a command
+            # before the cut, a limit counts it twice: it errs on the side
+            # of refusing, never of admitting.
+            return await self._execute(commands)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         pool = self._link.client.connection_pool
         conn = self._conn
         if conn is None:
