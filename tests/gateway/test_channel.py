@@ -4,7 +4,7 @@ connection the server dropped replaced within the call."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -25,47 +25,42 @@ def own_redis() -> Iterator[OwnRedis]:
     server.kill()
 
 
-async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(own_redis) -> None:
+@pytest.fixture
+async def link(own_redis) -> AsyncIterator[RedisLink]:
     link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+    yield link
+    await link.close()
+
+
+async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(link) -> None:
     channel = Channel(link)
     script = link.client.register_script(_SCRIPT)
-    try:
-        assert await channel.script(script, ["n"], [10]) == 10  # first call: NOSCRIPT, loaded
-        assert await channel.script(script, ["n"], [10]) == 20
-        await link.client.script_flush()  # as a restart would
-        assert await channel.script(script, ["n"], [10]) == 30
-        # Once per call, never twice: the counter moved by one each time.
-        assert await link.client.get("n") == b"3"
-    finally:
-        await link.close()
+    assert await channel.script(script, ["n"], [10]) == 10  # first call: NOSCRIPT, loaded
+    assert await channel.script(script, ["n"], [10]) == 20
+    await link.client.script_flush()  # as a restart would
+    assert await channel.script(script, ["n"], [10]) == 30
+    # Once per call, never twice: the counter moved by one each time.
+    assert await link.client.get("n") == b"3"
 
 
-async def test_replies_in_order_with_errors_returned(own_redis) -> None:
-    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+async def test_replies_in_order_with_errors_returned(link) -> None:
     channel = Channel(link)
-    try:
-        await link.client.set("a", "1")
-        replies = await channel.execute([("MGET", "a", "b"), ("INCR", "a"), ("LPUSH", "a", "x"), ("GET", "a")])
-        assert replies[:2] == [[b"1", None], 2]
-        assert isinstance(replies[2], redis.ResponseError) and "WRONGTYPE" in str(replies[2])
-        assert replies[3] == b"2"
-    finally:
-        await link.close()
+    await link.client.set("a", "1")
+    replies = await channel.execute([("MGET", "a", "b"), ("INCR", "a"), ("LPUSH", "a", "x"), ("GET", "a")])
+    assert replies[:2] == [[b"1", None], 2]
+    assert isinstance(replies[2], redis.ResponseError) and "WRONGTYPE" in str(replies[2])
+    assert replies[3] == b"2"
 
 
-async def test_a_connection_redis_dropped_is_replaced_within_the_call(own_redis) -> None:
-    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
+async def test_a_connection_redis_dropped_is_replaced_within_the_call(own_redis, link) -> None:
     channel = Channel(link)
-    try:
-        (first,) = await channel.execute([("CLIENT", "ID")])
-        assert await link.client.client_kill_filter(_id=first) == 1
-        (second,) = await channel.execute([("CLIENT", "ID")])  # retried on a new connection
-        assert second != first
-        own_redis.kill()
-        with pytest.raises(redis.ConnectionError):
-            await channel.execute([("PING",)])
-    finally:
-        await link.close()
+    (first,) = await channel.execute([("CLIENT", "ID")])
+    assert await link.client.client_kill_filter(_id=first) == 1
+    (second,) = await channel.execute([("CLIENT", "ID")])  # retried on a new connection
+    assert second != first
+    own_redis.kill()
+    with pytest.raises(redis.ConnectionError):
+        await channel.execute([("PING",)])
 
 
 def test_pack_writes_what_the_client_would() -> None:

@@ -46,14 +46,19 @@ async def test_a_flush_that_raises_fails_its_callers_instead_of_hanging() -> Non
     assert await asyncio.wait_for(coalesce.submit(5), 2) == 5
 
 
-async def test_a_lingering_flush_gathers_the_calls_of_its_linger() -> None:
+def _recording(linger: float) -> tuple[Coalesce[int, int], list[list[int]]]:
+    """A coalescer whose flushes are recorded (and answer each item with itself)."""
     flushes: list[list[int]] = []
 
     async def flush(items: list[int]) -> list[int]:
         flushes.append(items)
         return items
 
-    coalesce: Coalesce[int, int] = Coalesce(flush, linger=0.05)
+    return Coalesce(flush, linger=linger), flushes
+
+
+async def test_a_lingering_flush_gathers_the_calls_of_its_linger() -> None:
+    coalesce, flushes = _recording(linger=0.05)
     coalesce.submit_nowait(1)
     await asyncio.sleep(0.01)
     coalesce.submit_nowait(2)
@@ -63,13 +68,7 @@ async def test_a_lingering_flush_gathers_the_calls_of_its_linger() -> None:
 
 
 async def test_settle_flushes_a_lingering_batch_at_once() -> None:
-    flushes: list[list[int]] = []
-
-    async def flush(items: list[int]) -> list[int]:
-        flushes.append(items)
-        return items
-
-    coalesce: Coalesce[int, int] = Coalesce(flush, linger=30)
+    coalesce, flushes = _recording(linger=30)
     coalesce.submit_nowait(1)
     coalesce.submit_nowait(2)
     await asyncio.sleep(0)
