@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -22,8 +21,10 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply
+from gateway import logs
 from gateway.dedup import Dedup, Key
-from gateway.http import BadEncoding, BodyReader, ClientAddress, ClientGone, TooLarge, decode_body, header_dict
+from gateway.http import (BadEncoding, BodyReader, ClientAddress, ClientGone, Deadlines, TooLarge, decode_body,
+                          header_dict)
 from gateway.metrics import Metrics
 from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, long_id
 from gateway.quarantine import Sampler
@@ -48,6 +49,7 @@ class Services:
                  unavailable_retry_after: int, body_timeout: float = 30.0,
                  clock: Callable[[], int] = now_ms) -> None:
         self.body_timeout = body_timeout
+        self.deadlines = Deadlines(body_timeout)
         self.client_address = client_address
         self.sampler = sampler
         self.metrics = metrics
@@ -100,8 +102,7 @@ class Ingest:
             try:
                 # The whole body within the deadline: a client trickling a
                 # byte at a time cannot hold a connection (and memory) forever.
-                async with asyncio.timeout(services.body_timeout):
-                    raw = await reader.read(request.headers, self.endpoint.max_body)
+                raw = await reader.read(request.headers, self.endpoint.max_body, services.deadlines)
                 body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
             except TimeoutError:
                 return Failure(kind="bad_request",
@@ -195,7 +196,8 @@ class Ingest:
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
         self.services.metrics.inc("dialgate_rejections_total", dialect=self.dialect.name, reason=failure.kind)
         # Never the credentials or the body: the dialect's message names fields only.
-        log.info(
+        logs.info(
+            log,
             "rejected dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
             self.dialect.name, request.endpoint, reply.status, failure.kind,
             request.client_ip, failure.message[:200],
