@@ -8,12 +8,14 @@ data, it only costs the database a conflict check.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import time
 from collections.abc import Iterable
+from typing import Any
 
-from gateway.redislink import Channel, Coalesce, RedisLink
+from gateway.redislink import Channel, Coalesce, Kind, RedisLink
 
 Key = tuple[str, str, str]  # project, source, insert_id
 
@@ -64,8 +66,7 @@ class Dedup:
         self._ttl = ttl_seconds
         self._local = LocalDedup(ttl_seconds, max_local_entries) if link is None else None
         self._remember = link.client.register_script(_REMEMBER) if link else None
-        self._lookups: Coalesce[list[Key], set[Key]] = Coalesce(self._lookup)
-        self._lookup_channel = Channel(link) if link else None
+        self._lookups = _Lookups(self) if link else None
         self._store_channel = Channel(link) if link else None
         # Nobody waits for a remember: it lingers a little to share its
         # round trip with the next ones (a retry inside that time is still
@@ -78,13 +79,16 @@ class Dedup:
         # Hash-tagged per project: a project's keys live in one cluster slot.
         return self._link.key("dd", "{" + project + "}", source, insert_id)
 
-    async def seen(self, keys: list[Key]) -> set[Key]:
-        """The keys already committed (as far as the cache knows)."""
-        if not keys:
-            return set()
+    def seen(self, keys: list[Key]) -> asyncio.Future[set[Key]]:
+        """Asked now, answered by the future: the keys already committed (as
+        far as the cache knows). In Redis the question rides the request
+        path's flight (see Flight)."""
         if self._local is not None:
-            return self._local.seen(keys)
-        return await self._lookups.submit(keys)
+            return _now(self._local.seen(keys))
+        assert self._link is not None and self._lookups is not None
+        if not keys or not self._link.usable:
+            return _now(set())
+        return self._link.flight.submit(self._lookups, keys)
 
     async def remember(self, keys: list[Key]) -> None:
         """Cache newly committed keys; nobody waits for it."""
@@ -98,30 +102,6 @@ class Dedup:
     async def close(self) -> None:
         """Send the remembers still waiting (before the link closes)."""
         await self._stores.settle()
-
-    async def _lookup(self, requests: list[list[Key]]) -> list[set[Key]]:
-        assert self._link is not None and self._lookup_channel is not None
-        if not self._link.usable:
-            return [set() for _ in requests]
-        keys = [key for request in requests for key in request]
-        by_project: dict[str, list[Key]] = collections.defaultdict(list)
-        for key in keys:
-            by_project[key[0]].append(key)
-        try:
-            replies = await self._lookup_channel.execute(
-                [("MGET", *[self._key(k) for k in group]) for group in by_project.values()]
-            )
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
-        except Exception as exc:
-            self._link.failed("dedup lookup", exc)
-            return [set() for _ in requests]
-        self._link.succeeded()
-        hits: set[Key] = set()
-        for group, values in zip(by_project.values(), replies):
-            hits.update(k for k, v in zip(group, values) if v is not None)
-        return [hits.intersection(request) for request in requests]
 
     async def _store(self, requests: list[list[Key]]) -> list[set[Key]]:
         assert self._link is not None and self._remember is not None and self._store_channel is not None
@@ -141,3 +121,43 @@ class Dedup:
             return done
         self._link.succeeded()
         return done
+
+
+def _now(result: set[Key]) -> asyncio.Future[set[Key]]:
+    future: asyncio.Future[set[Key]] = asyncio.get_running_loop().create_future()
+    future.set_result(result)
+    return future
+
+
+class _Lookups(Kind[list[Key], set[Key]]):
+    """Dedup lookups: one MGET per project (its keys share a cluster slot)
+    for a flight's questions."""
+
+    def __init__(self, dedup: Dedup) -> None:
+        self._dedup = dedup
+
+    def commands(self, requests: list[list[Key]]) -> tuple[list[tuple[Any, ...]], list[list[Key]]]:
+        groups = _by_project(key for request in requests for key in request)
+        return [("MGET", *[self._dedup._key(k) for k in group]) for group in groups], groups
+
+    def results(self, requests: list[list[Key]], groups: list[list[Key]],
+                replies: list[Any] | Exception) -> list[set[Key]]:
+        link = self._dedup._link
+        assert link is not None
+        failure = replies if isinstance(replies, Exception) else next(
+            (r for r in replies if isinstance(r, Exception)), None)
+        if failure is not None:
+            link.failed("dedup lookup", failure)
+            return [set() for _ in requests]
+        link.succeeded()
+        hits: set[Key] = set()
+        for group, values in zip(groups, replies):
+            hits.update(k for k, v in zip(group, values) if v is not None)
+        return [hits.intersection(request) for request in requests]
+
+
+def _by_project(keys: Iterable[Key]) -> list[list[Key]]:
+    groups: dict[str, list[Key]] = collections.defaultdict(list)
+    for key in keys:
+        groups[key[0]].append(key)
+    return list(groups.values())

@@ -1,7 +1,9 @@
 """The ingestion pipeline, the same ordered stages for every dialect:
 
 1. per-client-IP rate limit (when the dialect has one; needs neither the
-   credentials nor the body, so it runs first)
+   credentials nor the body, so it is asked first and its answer wins; in
+   Redis it is answered while stages 2 and 3 run, and stage 4's question
+   goes in the same round trip)
 2. body: capped while reading, Content-Encoding undone with the same cap
 3. translation by the dialect: credentials -> project, validation, records
 3b. per-project limit (when the dialect has one), costed by the batch, so
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -93,11 +96,36 @@ class Ingest:
     async def _run(self, request: Incoming, reader: BodyReader) -> tuple[Outcome | Failure, Incoming]:
         services = self.services
         window = self.dialect.ip_limit() if self.endpoint.ip_limited else None
-        if window is not None:
-            wait = await services.limiter.sliding(self.dialect.name, request.client_ip, window)
-            if wait:
-                return Failure(kind="rate_limited", message="rate limited",
-                               retry_after=retry_after_seconds(wait)), request
+        # The client's window is asked first and its answer comes first:
+        # over the limit, the request is refused whatever its body. Redis
+        # answers while the body is read and translated, and the dedup
+        # question made meanwhile rides the same round trip (gateway.
+        # redislink.Flight); it asks nothing of a request refused after.
+        admission = (services.limiter.sliding(self.dialect.name, request.client_ip, window)
+                     if window is not None else None)
+        translated, request = await self._translate(request, reader)
+        lookup = None
+        if admission is not None and not isinstance(translated, Failure):
+            keys = _keys(translated.records)
+            lookup = keys, services.dedup.seen(keys)
+        if admission is not None and (wait := await admission):
+            return Failure(kind="rate_limited", message="rate limited",
+                           retry_after=retry_after_seconds(wait)), request
+        if isinstance(translated, Failure):
+            return translated, request
+        if translated.cost and translated.project is not None:
+            bucket = self.dialect.project_limit(translated.project)
+            if bucket is not None:
+                wait = await services.limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
+                if wait:
+                    return Failure(kind="rate_limited", message="rate limited",
+                                   retry_after=retry_after_seconds(wait)), request
+        return await self._store(translated, lookup), request
+
+    async def _translate(self, request: Incoming, reader: BodyReader) -> tuple[Batch | Failure, Incoming]:
+        """Stages 2 and 3: the body, read within bounds, and the dialect's
+        translation of the request."""
+        services = self.services
         if request.method != "GET":
             try:
                 # The whole body within the deadline: a client trickling a
@@ -127,28 +155,18 @@ class Ingest:
                 limit = f"{MAX_INSERT_ID} characters" if field == "insert_id" else f"{MAX_ID_BYTES} bytes"
                 return Failure(kind="invalid", message=f"{field} is longer than {limit}",
                                details=(f"{field}: longer than {limit}",)), request
-        if translated.cost and translated.project is not None:
-            bucket = self.dialect.project_limit(translated.project)
-            if bucket is not None:
-                wait = await services.limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
-                if wait:
-                    return Failure(kind="rate_limited", message="rate limited",
-                                   retry_after=retry_after_seconds(wait)), request
-        return await self._store(translated), request
+        return translated, request
 
-    async def _store(self, batch: Batch) -> Outcome | Failure:
+    async def _store(self, batch: Batch,
+                     lookup: tuple[list[Key], asyncio.Future[set[Key]]] | None = None) -> Outcome | Failure:
         services = self.services
         source = self.dialect.name
         rejections = [services.sampler.bound(r) for r in batch.rejections if services.sampler.admit(r)]
         for r in batch.rejections:
             services.metrics.inc("dialgate_rejections_total", dialect=source, reason=r.reason)
         records: list[Record] = batch.records
-        keys: list[Key] = [
-            (r.project, r.source, r.insert_id)  # type: ignore[union-attr]
-            for r in records
-            if type(r) is Event and r.insert_id is not None
-        ]
-        cached = await services.dedup.seen(keys) if keys else set()
+        keys, asked = lookup if lookup is not None else (_keys(records), None)
+        cached = await (asked or services.dedup.seen(keys)) if keys else set()
         if cached:
             records = [
                 r for r in records
@@ -202,6 +220,14 @@ class Ingest:
             self.dialect.name, request.endpoint, reply.status, failure.kind,
             request.client_ip, failure.message[:200],
         )
+
+
+def _keys(records: list[Record]) -> list[Key]:
+    return [
+        (r.project, r.source, r.insert_id)  # type: ignore[union-attr]
+        for r in records
+        if type(r) is Event and r.insert_id is not None
+    ]
 
 
 def _query(scope: dict[str, Any]) -> list[tuple[str, str]]:

@@ -34,6 +34,7 @@ class RedisLink:
         self._retry_interval = retry_interval
         self._down_since: float | None = None
         self._next_try = 0.0
+        self._flight: Flight | None = None
 
     @property
     def usable(self) -> bool:
@@ -62,6 +63,13 @@ class RedisLink:
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
+
+    @property
+    def flight(self) -> Flight:
+        """The request path's shared round trip (see Flight)."""
+        if self._flight is None:
+            self._flight = Flight(self)
+        return self._flight
 
     async def ping(self) -> bool:
         try:
@@ -238,3 +246,70 @@ class Channel:
             await conn.disconnect()
             await pool.release(conn)
             raise
+
+
+class Kind(Generic[T, R]):
+    """A kind of call that rides a Flight: how its items become commands
+    (and a plan, handed back with the replies), and how their replies
+    become one result per item. `results` gets the replies in order (error
+    replies as exceptions), or the exception that failed the whole round
+    trip, and must not raise (Redis fails open)."""
+
+    # Registered scripts its commands run by SHA (loaded on NOSCRIPT).
+    scripts: tuple[Any, ...] = ()
+
+    def commands(self, items: list[T]) -> tuple[list[tuple[Any, ...]], Any]:
+        raise NotImplementedError
+
+    def results(self, items: list[T], plan: Any, replies: list[Any] | Exception) -> list[R]:
+        raise NotImplementedError
+
+
+class Flight:
+    """One round trip for the calls of several kinds: those made while the
+    last flight was out (or during the same event-loop turn) go together,
+    written at once and read back at once on one kept connection.
+
+    A request asks its client's rate limit, reads and translates its body,
+    then asks the dedup cache about its insert ids: both calls made in one
+    turn, so they share one round trip instead of taking one each."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self._channel = Channel(link)
+        self._calls: Coalesce[tuple[Kind[Any, Any], Any], Any] = Coalesce(self._fly)
+
+    def submit(self, kind: Kind[T, R], item: T) -> asyncio.Future[R]:
+        return self._calls.submit((kind, item))
+
+    async def _fly(self, calls: list[tuple[Kind[Any, Any], Any]]) -> list[Any]:
+        by_kind: dict[Kind[Any, Any], list[int]] = {}
+        for index, (kind, _) in enumerate(calls):
+            by_kind.setdefault(kind, []).append(index)
+        commands: list[tuple[Any, ...]] = []
+        spans: list[tuple[Kind[Any, Any], list[int], list[Any], Any, int, int]] = []
+        for kind, indexes in by_kind.items():
+            items = [calls[i][1] for i in indexes]
+            start = len(commands)
+            more, plan = kind.commands(items)
+            commands += more
+            spans.append((kind, indexes, items, plan, start, len(commands)))
+        replies: list[Any] | Exception
+        try:
+            replies = await self._channel.execute(commands)
+            missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if missing:
+                # Redis does not know a script (first call, or it restarted):
+                # load them and run again the commands that did not run.
+                scripts = {s.sha: s for kind in by_kind for s in kind.scripts}
+                loads = [("SCRIPT", "LOAD", s.script) for s in scripts.values()]
+                again = await self._channel.execute(loads + [commands[i] for i in missing])
+                for i, reply in zip(missing, again[len(loads):]):
+                    replies[i] = reply
+        except Exception as exc:
+            replies = exc
+        results: list[Any] = [None] * len(calls)
+        for kind, indexes, items, plan, start, end in spans:
+            part = replies if isinstance(replies, Exception) else replies[start:end]
+            for i, result in zip(indexes, kind.results(items, plan, part)):
+                results[i] = result
+        return results

@@ -1,0 +1,103 @@
+"""gateway.redislink.Flight against a real Redis of the test's own: a
+request's rate-limit ask and dedup question in one round trip, the sliding
+window's answers when one call carries many asks, scripts reloaded within
+the flight, and Redis away failing open."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from dialects.base import SlidingWindow
+from gateway.dedup import Dedup
+from gateway.ratelimit import Limiter
+from gateway.redislink import Channel, RedisLink
+from tests.support import OwnRedis
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def link(own_redis) -> AsyncIterator[RedisLink]:
+    link = RedisLink(own_redis.url, prefix="t", retry_interval=60)
+    yield link
+    await link.close()
+
+
+def _count_round_trips(link: RedisLink) -> list[int]:
+    """How many commands each round trip of the link's flight carried."""
+    trips: list[int] = []
+    channel: Channel = link.flight._channel
+    execute = channel.execute
+
+    async def counted(commands):  # type: ignore[no-untyped-def]
+        trips.append(len(commands))
+        return await execute(commands)
+
+    channel.execute = counted  # type: ignore[method-assign]
+    return trips
+
+
+async def test_the_asks_and_questions_of_one_turn_share_one_round_trip(link) -> None:
+    limiter, dedup = Limiter(link), Dedup(link, ttl_seconds=60, max_local_entries=10)
+    window = SlidingWindow(requests=100, per_seconds=10)
+    await link.client.set("t:dd:{shop}:cohorly:seen-1", "1")
+    assert await limiter.sliding("cohorly", "10.0.0.9", window) == 0  # the script loaded
+    trips = _count_round_trips(link)
+    # Three requests in one turn, as the pipeline makes them: its client's
+    # window first, then (body read and translated) its insert ids.
+    asks = [limiter.sliding("cohorly", "10.0.0.1", window) for _ in range(3)]
+    questions = [dedup.seen([("shop", "cohorly", f"seen-{n}"), ("other", "cohorly", "x")]) for n in (1, 2, 3)]
+    assert await asyncio.gather(*asks) == [0, 0, 0]
+    assert await asyncio.gather(*questions) == [{("shop", "cohorly", "seen-1")}, set(), set()]
+    # One script call for the three asks, one MGET per project.
+    assert trips == [3]
+
+
+async def test_one_call_of_many_asks_answers_as_one_ask_at_a_time(link) -> None:
+    limiter = Limiter(link)
+    two = SlidingWindow(requests=2, per_seconds=10)
+    three = SlidingWindow(requests=3, per_seconds=10)
+    order = [("a", two), ("b", three), ("a", two), ("a", two), ("b", three), ("b", three), ("b", three), ("a", two)]
+    waits = await asyncio.gather(*[limiter.sliding("cohorly", key, window) for key, window in order])
+    assert [w == 0 for w in waits] == [True, True, True, False, True, True, False, False]
+    assert all(9000 < w <= 10000 for w in waits if w)  # until the oldest admission leaves the window
+    # Exactly the admissions are in the windows, expiring with them.
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:a") == 2
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:b") == 3
+    assert 9000 < await link.client.pttl("t:rl:{sliding}:cohorly:a") <= 10000
+    # A later call sees them.
+    assert await limiter.sliding("cohorly", "a", two) > 0
+
+
+async def test_a_flight_reloads_the_scripts_redis_lost_and_runs_each_command_once(link) -> None:
+    limiter, dedup = Limiter(link), Dedup(link, ttl_seconds=60, max_local_entries=10)
+    window = SlidingWindow(requests=5, per_seconds=10)
+    assert await limiter.sliding("cohorly", "ip", window) == 0  # first call: NOSCRIPT, loaded
+    await link.client.script_flush()  # as a restart would
+    ask = limiter.sliding("cohorly", "ip", window)
+    question = dedup.seen([("shop", "cohorly", "i")])
+    assert (await ask, await question) == (0, set())
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:ip") == 2  # each ask counted once
+    assert link.healthy
+
+
+async def test_redis_away_fails_open_for_every_kind_in_the_flight(own_redis, link) -> None:
+    limiter, dedup = Limiter(link), Dedup(link, ttl_seconds=60, max_local_entries=10)
+    window = SlidingWindow(requests=1, per_seconds=10)
+    assert await limiter.sliding("cohorly", "ip", window) == 0
+    own_redis.kill()
+    ask = limiter.sliding("cohorly", "ip", window)  # would be refused, were Redis there
+    question = dedup.seen([("shop", "cohorly", "i")])
+    assert (await ask, await question) == (0, set())
+    assert not link.healthy
