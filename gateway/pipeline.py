@@ -26,8 +26,16 @@ from typing import Any
 from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply
 from gateway import logs
 from gateway.dedup import Dedup, Key
-from gateway.http import (BadEncoding, BodyReader, ClientAddress, ClientGone, Deadlines, TooLarge, decode_body,
-                          header_dict)
+from gateway.http import (
+    BadEncoding,
+    BodyReader,
+    ClientAddress,
+    ClientGone,
+    Deadlines,
+    TooLarge,
+    decode_body,
+    header_dict,
+)
 from gateway.metrics import Metrics
 from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, long_id
 from gateway.quarantine import Sampler

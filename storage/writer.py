@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, assert_never
 
+import msgspec
 from sqlalchemy import Text, any_, bindparam, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -264,6 +265,8 @@ class Writer:
             tx = _Transaction(conn, self._backend, self._clock())
             await tx.events(group, results)
             if any(type(r) is not Event for p in group for r in p.records):
+                if self._backend is Backend.POSTGRESQL:
+                    tx.driver = (await conn.get_raw_connection()).driver_connection
                 await tx.lock_projects(group)
                 # Under the lock, so what is read stays true until commit.
                 await tx.prefetch(group)
@@ -320,6 +323,20 @@ _PG_INSERT = (
     "time bigint, received_at bigint, insert_id varchar, session_id text, properties jsonb, "
     "context jsonb, consent boolean"
     ") ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
+)
+_PG_LOCK = "SELECT pg_advisory_xact_lock($1)"
+_PG_LINKS = "SELECT alias, person FROM aliases WHERE project = $1 AND alias = ANY($2::text[])"
+_PG_PROFILES = (
+    "SELECT distinct_id, properties::text FROM profiles WHERE project = $1 AND distinct_id = ANY($2::text[])"
+)
+# The rows as one JSON array, as the events go: a new profile gets its
+# created_at, an existing one keeps its own.
+_PG_PROFILES_UPSERT = (
+    "INSERT INTO profiles (project, distinct_id, properties, created_at, updated_at) "
+    "SELECT project, distinct_id, properties, created_at, updated_at FROM json_to_recordset($1::json) AS r("
+    "project varchar, distinct_id text, properties jsonb, created_at bigint, updated_at bigint"
+    ") ON CONFLICT (project, distinct_id) DO UPDATE SET properties = excluded.properties, "
+    "updated_at = excluded.updated_at"
 )
 _SQLITE_ROW = "(" + ",".join("?" * 13) + ")"
 _SQLITE_INSERT_PLAIN = (
@@ -598,6 +615,12 @@ class _Transaction:
         self.conn = conn
         self.backend = backend
         self.now = now
+        # PostgreSQL: the asyncpg connection under `conn`. Once SQLAlchemy
+        # has opened the transaction block, the statements every group of
+        # identity and profile work runs (the lock, the prefetch, the profile
+        # upsert) go to it straight, in the same block: a third of the CPU
+        # through SQLAlchemy, and no statement compiled per group.
+        self.driver: Any = None
         self.rejections: list[Rejection] = []
         self._links: dict[tuple[str, str], str | None] = {}  # id -> person, None: no link
         self._profiles: dict[tuple[str, str], dict[str, Any] | None] = {}
@@ -639,7 +662,16 @@ class _Transaction:
             return  # SQLite: BEGIN IMMEDIATE already holds the only write lock
         projects = sorted({r.project for p in group for r in p.records if type(r) is not Event})
         for project in projects:
-            await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(project)})
+            if self._straight():
+                await self.driver.execute(_PG_LOCK, _lock_key(project))
+            else:
+                await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(project)})
+
+    def _straight(self) -> bool:
+        """Whether a statement may go to the driver: only inside the block
+        SQLAlchemy opened (its first statement opens it; before that, a
+        statement on the driver would run and commit on its own)."""
+        return self.driver is not None and self.driver.is_in_transaction()
 
     def _among(self, column: Any, values: Sequence[str]) -> Any:
         """`column IN values`. PostgreSQL gets one array parameter instead,
@@ -664,27 +696,39 @@ class _Transaction:
                 else:
                     continue
                 named.setdefault(record.project, set()).update(clean(i) for i in ids)  # type: ignore[misc]
-        a, p = tables.aliases, tables.profiles
         for project, ids_ in sorted(named.items()):
             for chunk in _chunks(sorted(ids_)):
-                rows = await self.conn.execute(
-                    select(a.c.alias, a.c.person).where(a.c.project == project, self._among(a.c.alias, chunk))
-                )
-                found = dict(rows.all())
+                found = await self._links_of(project, chunk)
                 for id_ in chunk:
                     self._links[(project, id_)] = found.get(id_)  # None: no link yet
             persons = sorted({self._links[(project, i)] or i for i in ids_})
             for chunk in _chunks(persons):
-                rows = await self.conn.execute(
-                    select(p.c.distinct_id, p.c.properties).where(
-                        p.c.project == project, self._among(p.c.distinct_id, chunk)
-                    )
-                )
-                found = dict(rows.all())
+                found = await self._profiles_of(project, chunk)
                 for person in chunk:
                     self._profiles[(project, person)] = found.get(person)  # None: no profile
                     if person in found:
                         self._loaded.add((project, person))
+
+    async def _links_of(self, project: str, ids: Sequence[str]) -> dict[str, str]:
+        if self._straight():
+            return dict(await self.driver.fetch(_PG_LINKS, project, ids))
+        a = tables.aliases
+        rows = await self.conn.execute(
+            select(a.c.alias, a.c.person).where(a.c.project == project, self._among(a.c.alias, ids))
+        )
+        return dict(rows.all())  # type: ignore[arg-type]
+
+    async def _profiles_of(self, project: str, persons: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if self._straight():
+            rows = await self.driver.fetch(_PG_PROFILES, project, persons)
+            return {person: msgspec.json.decode(props) for person, props in rows}
+        p = tables.profiles
+        result = await self.conn.execute(
+            select(p.c.distinct_id, p.c.properties).where(
+                p.c.project == project, self._among(p.c.distinct_id, persons)
+            )
+        )
+        return dict(result.all())  # type: ignore[arg-type]
 
     async def _link(self, project: str, id_: str) -> str | None:
         key = (project, id_)
@@ -835,7 +879,10 @@ class _Transaction:
                 await self.conn.execute(
                     delete(p).where(p.c.project == project, self._among(p.c.distinct_id, chunk))
                 )
-        if upserts:
+        if upserts and self._straight():
+            for chunk in _chunks(upserts):
+                await self.driver.execute(_PG_PROFILES_UPSERT, json_text(chunk))
+        elif upserts:
             await self._upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
 
     async def _upsert(

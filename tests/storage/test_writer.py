@@ -275,3 +275,41 @@ async def test_a_request_of_events_and_profile_work_is_stored_whole_or_not_at_al
     rows, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=100, after=None)
     await engine.dispose()
     assert rows == []
+
+
+async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_block(postgres_backend) -> None:
+    """The lock, prefetch and profile upsert of a group may bypass SQLAlchemy
+    only once its transaction block is open: before that, a statement on the
+    driver would commit on its own (and an advisory lock taken so would be
+    gone at once)."""
+    import asyncpg
+
+    from storage.engine import Backend
+    from storage.writer import _lock_key, _Pending, _Transaction
+
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    dsn = postgres_backend["storage_url"].replace("postgresql+asyncpg://", "postgresql://")
+    other = await asyncpg.connect(dsn)
+    touch = ProfileUpdate(project="shop", source="client", distinct_id="p-1", time=1, set={"plan": "pro"})
+    try:
+        async with engine.begin() as conn:
+            tx = _Transaction(conn, Backend.POSTGRESQL, now=1)
+            tx.driver = (await conn.get_raw_connection()).driver_connection
+            assert not tx._straight()  # nothing sent yet: no block open
+            group = [_Pending([touch], [], None)]
+            await tx.lock_projects(group)  # through SQLAlchemy, which opens the block
+            assert tx._straight()
+            # The lock is this transaction's until it ends.
+            assert not await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", _lock_key("shop"))
+            await tx.prefetch(group)
+            await tx.profile(touch)
+            await tx.save_profiles()
+            # Straight on the driver, yet not committed before the block is.
+            assert await other.fetchval("SELECT count(*) FROM profiles WHERE distinct_id = 'p-1'") == 0
+        assert await other.fetchval("SELECT properties::text FROM profiles WHERE distinct_id = 'p-1'") == (
+            '{"plan": "pro"}')
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", _lock_key("shop"))
+    finally:
+        await other.close()
+        await engine.dispose()
