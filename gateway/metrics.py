@@ -21,10 +21,24 @@ class Metrics:
             name: collections.Counter() for name in HELP
         }
         self._hist: dict[str, list[float]] = {}  # dialect -> bucket counts + [sum, count]
+        self._event_labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
     def inc(self, name: str, amount: int = 1, **labels: str) -> None:
         if amount:
             self.counters[name][tuple(sorted(labels.items()))] += amount
+
+    def events(self, dialect: str, project: str, received: int, stored: int) -> None:
+        """A request's events of one project: received, stored and the rest
+        deduplicated (what `inc` does, without sorting labels per request)."""
+        labels = self._event_labels.get((dialect, project))
+        if labels is None:
+            labels = self._event_labels[(dialect, project)] = (("dialect", dialect), ("project", project))
+        counters = self.counters
+        counters["dialgate_events_received_total"][labels] += received
+        if stored:
+            counters["dialgate_events_stored_total"][labels] += stored
+        if received - stored:
+            counters["dialgate_events_deduplicated_total"][labels] += received - stored
 
     def observe(self, dialect: str, seconds: float) -> None:
         row = self._hist.get(dialect)

@@ -183,7 +183,7 @@ class Ingest:
         skipped = len(batch.records) - len(records)
         if not records:
             services.writer.quarantine(rejections)
-            self._count(batch, (), {})
+            self._count(batch, (), ())
             return Outcome(duplicates=skipped)
         try:
             written = await services.writer.submit(records, rejections)
@@ -193,10 +193,7 @@ class Ingest:
         except Unstorable:
             return Failure(kind="unstorable", message="the database refused this data")
         await services.dedup.remember(written.new_keys)
-        unkeyed: Counter[str] = Counter(
-            r.project for r in records if type(r) is Event and r.insert_id is None  # type: ignore[union-attr]
-        )
-        self._count(batch, written.new_keys, unkeyed)
+        self._count(batch, written.new_keys, records)
         return Outcome(
             inserted=written.inserted,
             duplicates=skipped + written.duplicates,
@@ -204,20 +201,16 @@ class Ingest:
             aliases=tuple(written.aliases),
         )
 
-    def _count(self, batch: Batch, stored: Collection[Key], new_without_key: dict[str, int]) -> None:
-        """Per event, under its own project (a batch may span projects)."""
+    def _count(self, batch: Batch, stored: Collection[Key], written: Collection[Record]) -> None:
+        """Per event, under its own project (a batch may span projects): the
+        events received, and of those the ones stored (a new insert id, or
+        none at all) and skipped as duplicates."""
         metrics, dialect = self.services.metrics, self.dialect.name
-        received: Counter[str] = Counter()
-        kept: Counter[str] = Counter(new_without_key)
-        for record in batch.records:
-            if type(record) is Event:
-                received[record.project] += 1
-        for key in stored:
-            kept[key[0]] += 1
+        received = Counter([r.project for r in batch.records if type(r) is Event])
+        kept = Counter([key[0] for key in stored])
+        kept.update([r.project for r in written if type(r) is Event and r.insert_id is None])  # type: ignore[union-attr]
         for project, count in received.items():
-            metrics.inc("dialgate_events_received_total", count, dialect=dialect, project=project)
-            metrics.inc("dialgate_events_stored_total", kept[project], dialect=dialect, project=project)
-            metrics.inc("dialgate_events_deduplicated_total", count - kept[project], dialect=dialect, project=project)
+            metrics.events(dialect, project, count, kept[project])
 
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
         self.services.metrics.inc("dialgate_rejections_total", dialect=self.dialect.name, reason=failure.kind)

@@ -188,7 +188,9 @@ class Writer:
             raise StorageUnavailable("writer is shut down")
         future: asyncio.Future[Written] = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(records, list(rejections), future))
-        return await asyncio.shield(future)
+        # Should the request be cancelled, so is this future, and the group
+        # it is part of is written all the same (nobody is told).
+        return await future
 
     def quarantine(self, rejections: list[Rejection]) -> None:
         """Store rejections without making anyone wait for them."""
