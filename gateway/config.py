@@ -65,8 +65,9 @@ class RedisConfig(_Base):
     key_prefix: str = "dialgate"
     # Seconds before Redis is tried again after it failed.
     retry_interval: float = 2.0
-    # In-process dedup cache size (used without Redis).
-    local_dedup_max_entries: int = 1_000_000
+    # In-process dedup cache size (used without Redis): about 200 bytes an
+    # id, so the default holds a worker's cache near 50 MB.
+    local_dedup_max_entries: int = 250_000
 
     def __repr__(self) -> str:
         return f"RedisConfig(url={_mask_url(self.url)!r}, ...)"
