@@ -19,6 +19,10 @@ from redis.exceptions import NoScriptError, ResponseError
 
 log = logging.getLogger("dialgate.redis")
 
+# Seconds a Channel call (its write and all its replies) may take: a slow
+# Redis must not become a slow gateway.
+CALL_TIMEOUT = 0.5
+
 
 class RedisLink:
     def __init__(self, url: str, *, prefix: str, retry_interval: float) -> None:
@@ -29,6 +33,14 @@ class RedisLink:
             socket_connect_timeout=0.5,
             retry_on_timeout=False,
             decode_responses=False,
+        )
+        # The request path's calls (Channel) use connections of their own
+        # pool, with no timeout per socket operation: redis-py runs every
+        # write of a connection that has one in a task of its own
+        # (asyncio.wait_for) and arms a timer for every reply. A Channel call
+        # has one deadline for its whole round trip instead.
+        self.channel_pool = aioredis.ConnectionPool.from_url(
+            url, socket_timeout=None, socket_connect_timeout=0.5, retry_on_timeout=False,
         )
         self.prefix = prefix
         self._retry_interval = retry_interval
@@ -82,6 +94,7 @@ class RedisLink:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.channel_pool.disconnect()
 
 
 T = TypeVar("T")
@@ -226,18 +239,19 @@ class Channel:
             return await self._execute(commands)
 
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        pool = self._link.client.connection_pool
+        pool = self._link.channel_pool
         conn = self._conn
         if conn is None:
             conn = self._conn = await pool.get_connection()
         try:
-            await conn.send_packed_command(pack(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            async with asyncio.timeout(CALL_TIMEOUT):
+                await conn.send_packed_command(pack(commands), check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
             return replies
         except BaseException:
             # Timed out, cut off or cancelled half-way: the connection's
