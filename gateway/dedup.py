@@ -17,16 +17,36 @@ from typing import Any
 from gateway.redislink import Channel, Coalesce, Kind, RedisLink
 
 Key = tuple[str, str, str]  # project, source, insert_id
+_Stream = tuple[str, str, list[str]]  # project, source, insert ids
 
 # Seconds a remember waits for others to go with it.
 REMEMBER_LINGER = 0.02
 
-_REMEMBER = """
-local ttl = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], '1', 'EX', ttl)
+# In Redis, a project's and source's committed ids are members of one set
+# per period of an eighth of the TTL (keys hash-tagged per project). A
+# remember adds them to the current period's set (SADD) and renews its
+# expiry; a lookup asks the sets of every period the TTL reaches back to.
+# Compared with a key per id (SET ... EX), a remember costs Redis a tenth
+# and the ids half the memory; an id is known for the TTL, and up to two
+# periods longer.
+PERIODS = 8
+
+# KEYS: a project's and source's period sets; ARGV: ids. Per id, 1 if any
+# set has it, else 0.
+_LOOKUP = """
+local found = {}
+for i = 1, #ARGV do found[i] = 0 end
+for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then
+    for j = 1, #ARGV, 1000 do
+      local hits = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, j, math.min(j + 999, #ARGV)))
+      for i = 1, #hits do
+        if hits[i] == 1 then found[j + i - 1] = 1 end
+      end
+    end
+  end
 end
-return #KEYS
+return found
 """
 
 
@@ -64,8 +84,8 @@ class Dedup:
     def __init__(self, link: RedisLink | None, ttl_seconds: int, max_local_entries: int) -> None:
         self._link = link
         self._ttl = ttl_seconds
+        self._span = max(1, -(-ttl_seconds // PERIODS))  # seconds a period lasts
         self._local = LocalDedup(ttl_seconds, max_local_entries) if link is None else None
-        self._remember = link.client.register_script(_REMEMBER) if link else None
         self._lookups = _Lookups(self) if link else None
         self._store_channel = Channel(link) if link else None
         # Nobody waits for a remember: it lingers a little to share its
@@ -73,11 +93,17 @@ class Dedup:
         # caught, by the database's unique key).
         self._stores: Coalesce[list[Key], set[Key]] = Coalesce(self._store, linger=REMEMBER_LINGER)
 
-    def _key(self, key: Key) -> str:
+    def _set(self, project: str, source: str, period: int) -> str:
         assert self._link is not None
-        project, source, insert_id = key
-        # Hash-tagged per project: a project's keys live in one cluster slot.
-        return self._link.key("dd", "{" + project + "}", source, insert_id)
+        # Hash-tagged per project: a project's sets live in one cluster slot.
+        return self._link.key("dd", "{" + project + "}", source, str(period))
+
+    def _sets(self, project: str, source: str) -> list[str]:
+        """The sets a lookup asks: from the oldest period the TTL reaches to
+        the next one (a gateway whose clock runs a little ahead may have
+        started it)."""
+        now = int(time.time()) // self._span
+        return [self._set(project, source, p) for p in range(now - PERIODS - 1, now + 2)]
 
     def seen(self, keys: list[Key]) -> asyncio.Future[set[Key]]:
         """Asked now, answered by the future: the keys already committed (as
@@ -104,18 +130,21 @@ class Dedup:
         await self._stores.settle()
 
     async def _store(self, requests: list[list[Key]]) -> list[set[Key]]:
-        assert self._link is not None and self._remember is not None and self._store_channel is not None
+        assert self._link is not None and self._store_channel is not None
         done: list[set[Key]] = [set() for _ in requests]
         if not self._link.usable:
             return done
-        by_project: dict[str, list[str]] = collections.defaultdict(list)
-        for request in requests:
-            for key in request:
-                by_project[key[0]].append(self._key(key))
+        period = int(time.time()) // self._span
+        # The set lives on for the TTL after the last id added to it.
+        expiry = self._ttl + self._span
+        commands: list[tuple[Any, ...]] = []
+        for (project, source), ids in _by_stream(key for request in requests for key in request).items():
+            name = self._set(project, source, period)
+            commands += [("SADD", name, *ids), ("EXPIRE", name, expiry)]
         try:
-            # One script call per project (its keys share a cluster slot).
-            for redis_keys in by_project.values():
-                await self._store_channel.script(self._remember, redis_keys, [self._ttl])
+            for reply in await self._store_channel.execute(commands):
+                if isinstance(reply, Exception):
+                    raise reply
         except Exception as exc:
             self._link.failed("dedup remember", exc)
             return done
@@ -130,17 +159,25 @@ def _now(result: set[Key]) -> asyncio.Future[set[Key]]:
 
 
 class _Lookups(Kind[list[Key], set[Key]]):
-    """Dedup lookups: one MGET per project (its keys share a cluster slot)
-    for a flight's questions."""
+    """Dedup lookups: one script call per project and source (its sets
+    share a cluster slot) for a flight's questions."""
 
     def __init__(self, dedup: Dedup) -> None:
         self._dedup = dedup
+        assert dedup._link is not None
+        self._script = dedup._link.client.register_script(_LOOKUP)
+        self.scripts = (self._script,)
 
-    def commands(self, requests: list[list[Key]]) -> tuple[list[tuple[Any, ...]], list[list[Key]]]:
-        groups = _by_project(key for request in requests for key in request)
-        return [("MGET", *[self._dedup._key(k) for k in group]) for group in groups], groups
+    def commands(self, requests: list[list[Key]]) -> tuple[list[tuple[Any, ...]], list[_Stream]]:
+        streams = [(project, source, ids) for (project, source), ids in
+                   _by_stream(key for request in requests for key in request).items()]
+        commands = []
+        for project, source, ids in streams:
+            sets = self._dedup._sets(project, source)
+            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *ids))
+        return commands, streams
 
-    def results(self, requests: list[list[Key]], groups: list[list[Key]],
+    def results(self, requests: list[list[Key]], streams: list[_Stream],
                 replies: list[Any] | Exception) -> list[set[Key]]:
         link = self._dedup._link
         assert link is not None
@@ -151,13 +188,14 @@ class _Lookups(Kind[list[Key], set[Key]]):
             return [set() for _ in requests]
         link.succeeded()
         hits: set[Key] = set()
-        for group, values in zip(groups, replies):
-            hits.update(k for k, v in zip(group, values) if v is not None)
+        for (project, source, ids), found in zip(streams, replies):  # type: ignore[arg-type]
+            hits.update((project, source, i) for i, f in zip(ids, found) if f)
         return [hits.intersection(request) for request in requests]
 
 
-def _by_project(keys: Iterable[Key]) -> list[list[Key]]:
-    groups: dict[str, list[Key]] = collections.defaultdict(list)
-    for key in keys:
-        groups[key[0]].append(key)
-    return list(groups.values())
+def _by_stream(keys: Iterable[Key]) -> dict[tuple[str, str], list[str]]:
+    """Insert ids by project and source, each once."""
+    streams: dict[tuple[str, str], dict[str, None]] = collections.defaultdict(dict)
+    for project, source, insert_id in keys:
+        streams[(project, source)][insert_id] = None
+    return {stream: list(ids) for stream, ids in streams.items()}

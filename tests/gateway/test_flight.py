@@ -51,8 +51,11 @@ def _count_round_trips(link: RedisLink) -> list[int]:
 async def test_the_asks_and_questions_of_one_turn_share_one_round_trip(link) -> None:
     limiter, dedup = Limiter(link), Dedup(link, ttl_seconds=60, max_local_entries=10)
     window = SlidingWindow(requests=100, per_seconds=10)
-    await link.client.set("t:dd:{shop}:cohorly:seen-1", "1")
-    assert await limiter.sliding("cohorly", "10.0.0.9", window) == 0  # the script loaded
+    await dedup.remember([("shop", "cohorly", "seen-1")])
+    await dedup.close()  # sent now
+    # The scripts loaded.
+    assert await limiter.sliding("cohorly", "10.0.0.9", window) == 0
+    assert await dedup.seen([("shop", "cohorly", "warm")]) == set()
     trips = _count_round_trips(link)
     # Three requests in one turn, as the pipeline makes them: its client's
     # window first, then (body read and translated) its insert ids.
@@ -60,7 +63,7 @@ async def test_the_asks_and_questions_of_one_turn_share_one_round_trip(link) -> 
     questions = [dedup.seen([("shop", "cohorly", f"seen-{n}"), ("other", "cohorly", "x")]) for n in (1, 2, 3)]
     assert await asyncio.gather(*asks) == [0, 0, 0]
     assert await asyncio.gather(*questions) == [{("shop", "cohorly", "seen-1")}, set(), set()]
-    # One script call for the three asks, one MGET per project.
+    # One script call for the three asks, one per project (and source) for the questions.
     assert trips == [3]
 
 
@@ -68,7 +71,8 @@ async def test_one_call_of_many_asks_answers_as_one_ask_at_a_time(link) -> None:
     limiter = Limiter(link)
     two = SlidingWindow(requests=2, per_seconds=10)
     three = SlidingWindow(requests=3, per_seconds=10)
-    order = [("a", two), ("b", three), ("a", two), ("a", two), ("b", three), ("b", three), ("b", three), ("a", two)]
+    order = [("a", two), ("b", three), ("a", two), ("a", two),
+             ("b", three), ("b", three), ("b", three), ("a", two)]
     waits = await asyncio.gather(*[limiter.sliding("cohorly", key, window) for key, window in order])
     assert [w == 0 for w in waits] == [True, True, True, False, True, True, False, False]
     assert all(9000 < w <= 10000 for w in waits if w)  # until the oldest admission leaves the window
@@ -101,3 +105,27 @@ async def test_redis_away_fails_open_for_every_kind_in_the_flight(own_redis, lin
     question = dedup.seen([("shop", "cohorly", "i")])
     assert (await ask, await question) == (0, set())
     assert not link.healthy
+
+
+async def test_remembered_ids_are_seen_per_project_and_source_until_they_expire(link) -> None:
+    dedup = Dedup(link, ttl_seconds=80, max_local_entries=10)
+    await dedup.remember([("shop", "cohorly", "a"), ("shop", "cohorly", "b"), ("shop", "client", "c")])
+    await dedup.remember([("other", "cohorly", "a")])
+    await dedup.close()
+    asked = [("shop", "cohorly", "a"), ("shop", "cohorly", "b"), ("shop", "cohorly", "c"),
+             ("shop", "client", "a"), ("shop", "client", "c"),
+             ("other", "cohorly", "a"), ("other", "cohorly", "b")]
+    assert await dedup.seen(asked) == {("shop", "cohorly", "a"), ("shop", "cohorly", "b"),
+                                       ("shop", "client", "c"), ("other", "cohorly", "a")}
+    # One set per project, source and period of an eighth of the TTL, kept
+    # for the TTL plus a period after its last id.
+    sets = sorted(k.decode() for k in await link.client.keys("t:dd:*"))
+    assert [s.rsplit(":", 1)[0] for s in sets] == [
+        "t:dd:{other}:cohorly", "t:dd:{shop}:client", "t:dd:{shop}:cohorly"]
+    assert all(80 < ttl <= 90 for ttl in [await link.client.ttl(s) for s in sets])
+    # Sets of periods the TTL no longer reaches are not asked.
+    old = int(sets[0].rsplit(":", 1)[1]) - 10
+    await link.client.sadd(f"t:dd:{{other}}:cohorly:{old}", "b")
+    assert await dedup.seen([("other", "cohorly", "b")]) == set()
+    await link.client.sadd(f"t:dd:{{other}}:cohorly:{old + 2}", "b")
+    assert await dedup.seen([("other", "cohorly", "b")]) == {("other", "cohorly", "b")}
