@@ -468,7 +468,8 @@ def main() -> int:
 
 
 def forget_redis_keys(url: str) -> None:
-    """The run's dedup and limit keys would otherwise live for a day."""
+    """The run's dedup and limit keys would otherwise live for a day
+    (unlinked: freeing a dedup set of millions of ids would stall Redis)."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -476,10 +477,10 @@ def forget_redis_keys(url: str) -> None:
     for key in client.scan_iter(match=f"dialgate-bench-{NONCE}:*", count=5000):
         batch.append(key)
         if len(batch) >= 5000:
-            client.delete(*batch)
+            client.unlink(*batch)
             batch = []
     if batch:
-        client.delete(*batch)
+        client.unlink(*batch)
     client.close()
 
 

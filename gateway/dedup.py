@@ -27,8 +27,11 @@ REMEMBER_LINGER = 0.02
 # remember adds them to the current period's set (SADD) and renews its
 # expiry; a lookup asks the sets of every period the TTL reaches back to.
 # Compared with a key per id (SET ... EX), a remember costs Redis a tenth
-# and the ids half the memory; an id is known for the TTL, and up to two
-# periods longer.
+# and the ids half the memory. A set the lookups no longer reach is
+# UNLINKed by the gateways that wrote to it (freed off Redis's main thread:
+# a big set left to expire would be freed on it, stalling Redis), and
+# expires a period later otherwise; an id is known for the TTL, and at
+# most half as long again.
 PERIODS = 8
 
 # KEYS: a project's and source's period sets; ARGV: ids. Per id, 1 if any
@@ -92,6 +95,10 @@ class Dedup:
         # round trip with the next ones (a retry inside that time is still
         # caught, by the database's unique key).
         self._stores: Coalesce[list[Key], set[Key]] = Coalesce(self._store, linger=REMEMBER_LINGER)
+        # The (project, source) streams this process has remembered ids of,
+        # and the period it last unlinked their stale sets in.
+        self._streams: dict[tuple[str, str], None] = {}
+        self._swept = 0
 
     def _set(self, project: str, source: str, period: int) -> str:
         assert self._link is not None
@@ -135,12 +142,18 @@ class Dedup:
         if not self._link.usable:
             return done
         period = int(time.time()) // self._span
-        # The set lives on for the TTL after the last id added to it.
-        expiry = self._ttl + self._span
+        # Unlinked before this (see PERIODS), else gone after.
+        expiry = self._ttl + 3 * self._span
         commands: list[tuple[Any, ...]] = []
         for (project, source), ids in _by_stream(key for request in requests for key in request).items():
             name = self._set(project, source, period)
             commands += [("SADD", name, *ids), ("EXPIRE", name, expiry)]
+            self._streams[(project, source)] = None
+        if period != self._swept:
+            # A new period: the sets of the one the lookups just left behind go.
+            self._swept = period
+            stale = period - PERIODS - 2
+            commands += [("UNLINK", self._set(project, source, stale)) for project, source in self._streams]
         try:
             for reply in await self._store_channel.execute(commands):
                 if isinstance(reply, Exception):

@@ -6,6 +6,7 @@ the flight, and Redis away failing open."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -118,14 +119,28 @@ async def test_remembered_ids_are_seen_per_project_and_source_until_they_expire(
     assert await dedup.seen(asked) == {("shop", "cohorly", "a"), ("shop", "cohorly", "b"),
                                        ("shop", "client", "c"), ("other", "cohorly", "a")}
     # One set per project, source and period of an eighth of the TTL, kept
-    # for the TTL plus a period after its last id.
+    # for the TTL plus three periods after its last id (unlinked before).
     sets = sorted(k.decode() for k in await link.client.keys("t:dd:*"))
     assert [s.rsplit(":", 1)[0] for s in sets] == [
         "t:dd:{other}:cohorly", "t:dd:{shop}:client", "t:dd:{shop}:cohorly"]
-    assert all(80 < ttl <= 90 for ttl in [await link.client.ttl(s) for s in sets])
+    assert all(100 < ttl <= 110 for ttl in [await link.client.ttl(s) for s in sets])
     # Sets of periods the TTL no longer reaches are not asked.
     old = int(sets[0].rsplit(":", 1)[1]) - 10
     await link.client.sadd(f"t:dd:{{other}}:cohorly:{old}", "b")
     assert await dedup.seen([("other", "cohorly", "b")]) == set()
     await link.client.sadd(f"t:dd:{{other}}:cohorly:{old + 2}", "b")
     assert await dedup.seen([("other", "cohorly", "b")]) == {("other", "cohorly", "b")}
+
+
+async def test_sets_the_lookups_no_longer_reach_are_unlinked_at_a_new_period(link) -> None:
+    dedup = Dedup(link, ttl_seconds=8000, max_local_entries=10)  # periods of 1000 s
+    now = int(time.time()) // 1000
+    stale, oldest_asked = now - 10, now - 9
+    for period in (stale, oldest_asked):
+        await link.client.sadd(f"t:dd:{{shop}}:cohorly:{period}", "old")
+    # The first remember of a process (a new period for it) sweeps.
+    await dedup.remember([("shop", "cohorly", "new")])
+    await dedup.close()
+    assert not await link.client.exists(f"t:dd:{{shop}}:cohorly:{stale}")
+    assert await dedup.seen([("shop", "cohorly", "old"), ("shop", "cohorly", "new")]) == {
+        ("shop", "cohorly", "old"), ("shop", "cohorly", "new")}
