@@ -15,7 +15,7 @@ from dialects import REGISTRY
 from gateway.admin import Admin
 from gateway.config import Settings, credentials_for, project_options
 from gateway.dedup import Dedup
-from gateway.http import ClientAddress, Cors, TrailingSlash
+from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
 from gateway.quarantine import Sampler
@@ -104,18 +104,26 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
     app.state.dialgate = state
-    return TrailingSlash(Dispatch(ingestion, app))
+    return Dispatch(ingestion, app)
 
 
 class Dispatch:
-    """Exact-path routing for the ingestion endpoints; the rest to `fallback`."""
+    """Exact-path routing for the ingestion endpoints; the rest to `fallback`.
+    Every path is served with or without a trailing slash (`/track/` as
+    `/track`), without a redirect."""
 
     def __init__(self, routes: dict[str, tuple[frozenset[str], Any]], fallback: Any) -> None:
         self.routes = routes
         self.fallback = fallback
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.fallback(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+        route = self.routes.get(scope["path"])
         if route is None:
             await self.fallback(scope, receive, send)
             return

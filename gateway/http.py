@@ -247,20 +247,6 @@ class Cors:
         ]
 
 
-class TrailingSlash:
-    """Serve `/track/` as `/track`, without a redirect."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path: str = scope["path"]
-            if len(path) > 1 and path.endswith("/"):
-                scope = dict(scope, path=path.rstrip("/") or "/")
-        await self.app(scope, receive, send)
-
-
 class Drain:
     """Counts requests in flight and, once `begin()` is called on shutdown,
     asks every client to close its connection after the current answer.

@@ -21,15 +21,20 @@ class Metrics:
             name: collections.Counter() for name in HELP
         }
         self._hist: dict[str, list[float]] = {}  # dialect -> bucket counts + [sum, count]
+        # Label keys kept, not sorted anew for every request.
         self._event_labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._rejection_labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
 
-    def inc(self, name: str, amount: int = 1, **labels: str) -> None:
-        if amount:
-            self.counters[name][tuple(sorted(labels.items()))] += amount
+    def rejection(self, dialect: str, reason: str) -> None:
+        """One rejected request or quarantined record."""
+        labels = self._rejection_labels.get((dialect, reason))
+        if labels is None:
+            labels = self._rejection_labels[(dialect, reason)] = (("dialect", dialect), ("reason", reason))
+        self.counters["dialgate_rejections_total"][labels] += 1
 
     def events(self, dialect: str, project: str, received: int, stored: int) -> None:
         """A request's events of one project: received, stored and the rest
-        deduplicated (what `inc` does, without sorting labels per request)."""
+        deduplicated."""
         labels = self._event_labels.get((dialect, project))
         if labels is None:
             labels = self._event_labels[(dialect, project)] = (("dialect", dialect), ("project", project))

@@ -107,8 +107,8 @@ class Ingest:
         # The client's window is asked first and its answer comes first:
         # over the limit, the request is refused whatever its body. Redis
         # answers while the body is read and translated, and the dedup
-        # question made meanwhile rides the same round trip (gateway.
-        # redislink.Flight); it asks nothing of a request refused after.
+        # question about a translated batch rides the same round trip
+        # (gateway.redislink.Flight).
         admission = (services.limiter.sliding(self.dialect.name, request.client_ip, window)
                      if window is not None else None)
         translated, request = await self._translate(request, reader)
@@ -171,7 +171,7 @@ class Ingest:
         source = self.dialect.name
         rejections = [services.sampler.bound(r) for r in batch.rejections if services.sampler.admit(r)]
         for r in batch.rejections:
-            services.metrics.inc("dialgate_rejections_total", dialect=source, reason=r.reason)
+            services.metrics.rejection(source, r.reason)
         records: list[Record] = batch.records
         keys, asked = lookup if lookup is not None else (_keys(records), None)
         cached = await (asked or services.dedup.seen(keys)) if keys else set()
@@ -213,7 +213,7 @@ class Ingest:
             metrics.events(dialect, project, count, kept[project])
 
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
-        self.services.metrics.inc("dialgate_rejections_total", dialect=self.dialect.name, reason=failure.kind)
+        self.services.metrics.rejection(self.dialect.name, failure.kind)
         # Never the credentials or the body: the dialect's message names fields only.
         logs.info(
             log,
