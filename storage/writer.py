@@ -19,6 +19,7 @@ constraint on (project, source, insert_id) decides duplicates.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -435,6 +436,11 @@ def _settle_events(
             results[index].duplicates += 1
 
 
+@functools.lru_cache(maxsize=64)
+def _sqlite_insert(rows: int) -> str:
+    return _SQLITE_INSERT_PLAIN.format(values=",".join([_SQLITE_ROW] * rows))
+
+
 class SqliteEvents:
     """SQLite's path for groups of events only: the whole transaction (BEGIN
     IMMEDIATE, insert, COMMIT) in one call on a thread of its own, on a
@@ -503,14 +509,18 @@ class SqliteEvents:
         if self._conn is None:
             self._conn = self._connect()
         conn = self._conn
+        # Statements and parameters made before taking the write lock, which
+        # every worker's writer waits for.
+        statements = [
+            (_sqlite_insert(len(chunk)), [value for row in chunk for value in row])
+            for chunk in (rows[start : start + _SQLITE_ROWS] for start in range(0, len(rows), _SQLITE_ROWS))
+        ]
         self._begin(conn)
         try:
             top = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
             changed = 0
-            for start in range(0, len(rows), _SQLITE_ROWS):
-                chunk = rows[start : start + _SQLITE_ROWS]
-                sql = _SQLITE_INSERT_PLAIN.format(values=",".join([_SQLITE_ROW] * len(chunk)))
-                changed += conn.execute(sql, [value for row in chunk for value in row]).rowcount
+            for sql, params in statements:
+                changed += conn.execute(sql, params).rowcount
             stored = None
             if changed != len(rows):
                 stored = {
