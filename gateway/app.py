@@ -15,7 +15,7 @@ from dialects import REGISTRY
 from gateway.admin import Admin
 from gateway.config import Settings, credentials_for, project_options
 from gateway.dedup import Dedup
-from gateway.http import ClientAddress, Cors
+from gateway.http import ClientAddress
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
 from gateway.quarantine import Sampler
@@ -61,7 +61,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         )
         for endpoint in dialect.endpoints():
             methods = frozenset((*endpoint.methods, "OPTIONS"))
-            ingestion[endpoint.path] = (methods, Cors(Ingest(dialect, endpoint, services)))
+            ingestion[endpoint.path] = (methods, Ingest(dialect, endpoint, services))
     admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state)
     routes: list[Route] = admin.routes()
     should_migrate = settings.storage.migrate_on_start if migrate is None else migrate

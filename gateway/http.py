@@ -199,42 +199,32 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class Cors:
-    """CORS for an ingestion route, as browser SDKs need it.
-
-    Preflights get 204 without credentials being checked; every response,
-    errors included, echoes the Origin and allows credentials.
-    """
+    """CORS for the ingestion routes, as browser SDKs need it: preflights
+    get 204 without credentials being checked; every response to a request
+    with an Origin, errors included, echoes it and allows credentials. The
+    route's handler calls these itself (a middleware around it would cost
+    every request a coroutine and a wrapped `send`)."""
 
     ALLOW_METHODS = b"GET, POST, OPTIONS"
     DEFAULT_HEADERS = b"Content-Type, Content-Encoding, Authorization, X-Cohorly-Token"
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    @classmethod
+    async def preflight(cls, scope: Scope, send: Any) -> None:
+        requested = _header(scope, b"access-control-request-headers")
+        headers = [
+            (b"access-control-allow-methods", cls.ALLOW_METHODS),
+            (b"access-control-allow-headers", requested or cls.DEFAULT_HEADERS),
+            (b"access-control-max-age", b"86400"),
+            *cls._origin_headers(_header(scope, b"origin")),
+        ]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    @classmethod
+    def headers(cls, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """What an answer adds: nothing without an Origin."""
         origin = _header(scope, b"origin")
-        if scope["method"] == "OPTIONS":
-            requested = _header(scope, b"access-control-request-headers")
-            headers = [
-                (b"access-control-allow-methods", self.ALLOW_METHODS),
-                (b"access-control-allow-headers", requested or self.DEFAULT_HEADERS),
-                (b"access-control-max-age", b"86400"),
-                *self._origin_headers(origin),
-            ]
-            await send({"type": "http.response.start", "status": 204, "headers": headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        if origin is None:
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_cors(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message = dict(message)
-                message["headers"] = [*message.get("headers", []), *self._origin_headers(origin)]
-            await send(message)
-
-        await self.app(scope, receive, send_with_cors)
+        return [] if origin is None else cls._origin_headers(origin)
 
     @staticmethod
     def _origin_headers(origin: bytes | None) -> list[tuple[bytes, bytes]]:

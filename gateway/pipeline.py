@@ -31,6 +31,7 @@ from gateway.http import (
     BodyReader,
     ClientAddress,
     ClientGone,
+    Cors,
     Deadlines,
     TooLarge,
     decode_body,
@@ -77,6 +78,9 @@ class Ingest:
         self.services = services
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["method"] == "OPTIONS":
+            await Cors.preflight(scope, send)
+            return
         started = time.perf_counter()
         services = self.services
         headers = header_dict(scope)
@@ -97,7 +101,7 @@ class Ingest:
         reply = self.dialect.render(request, result)
         if isinstance(result, Failure):
             self._log_rejected(request, result, reply)
-        await _send(send, reply)
+        await _send(send, reply, Cors.headers(scope))
         await reader.drain()
         services.metrics.observe(self.dialect.name, time.perf_counter() - started)
 
@@ -240,10 +244,11 @@ def _query(scope: dict[str, Any]) -> list[tuple[str, str]]:
     return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
 
 
-async def _send(send: Any, reply: Reply) -> None:
+async def _send(send: Any, reply: Reply, cors: list[tuple[bytes, bytes]]) -> None:
     headers = [(b"content-length", str(len(reply.body)).encode())]
     if reply.content_type:
         headers.append((b"content-type", reply.content_type.encode()))
     headers += [(k.encode(), v.encode()) for k, v in reply.headers]
+    headers += cors
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": reply.body})
