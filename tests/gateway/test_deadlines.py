@@ -34,7 +34,7 @@ async def test_a_read_past_its_deadline_ends_in_timeout_and_the_task_is_not_left
 
 
 async def test_reads_within_their_deadline_are_untouched_and_leave_nothing_behind() -> None:
-    deadlines = Deadlines(0.3)
+    deadlines = Deadlines(1.0)  # the slowest read below takes 0.3 s
 
     async def slowly(delay: float) -> bytes:
         parts = [{"type": "http.request", "body": b"ab", "more_body": True},
@@ -47,7 +47,7 @@ async def test_reads_within_their_deadline_are_untouched_and_leave_nothing_behin
         return await BodyReader(receive).read({}, 1000, deadlines)
 
     assert await asyncio.gather(*(slowly(0.05 * n) for n in range(1, 4))) == [b"abcd"] * 3
-    await asyncio.sleep(0.2)  # past where a leftover deadline would have fired
+    await asyncio.sleep(1.0)  # past where a leftover deadline would have fired
     assert deadlines._reads == {} and deadlines._expired == set()
 
 
