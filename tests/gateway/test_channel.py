@@ -4,32 +4,14 @@ connection the server dropped replaced within the call."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import pytest
 import redis
 
-from gateway.redislink import Channel, RedisLink
-from tests.support import OwnRedis
+from gateway.redislink import Channel
 
 pytestmark = pytest.mark.anyio
 
 _SCRIPT = "redis.call('INCR', KEYS[1]); return tonumber(redis.call('GET', KEYS[1])) * tonumber(ARGV[1])"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def link(own_redis) -> AsyncIterator[RedisLink]:
-    link = RedisLink(own_redis.url, prefix="t", retry_interval=1)
-    yield link
-    await link.close()
 
 
 async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(link) -> None:

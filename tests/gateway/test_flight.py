@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -15,24 +14,8 @@ from dialects.base import SlidingWindow
 from gateway.dedup import Dedup
 from gateway.ratelimit import Limiter
 from gateway.redislink import Channel, RedisLink
-from tests.support import OwnRedis
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def link(own_redis) -> AsyncIterator[RedisLink]:
-    link = RedisLink(own_redis.url, prefix="t", retry_interval=60)
-    yield link
-    await link.close()
 
 
 def _count_round_trips(link: RedisLink) -> list[int]:

@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
 
 import pytest
 
-from tests.support import ADMIN, OwnRedis, gateway, settings_for
+from tests.support import ADMIN, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def own_redis() -> Iterator[OwnRedis]:
-    server = OwnRedis()
-    server.start()
-    yield server
-    if server.process and server.process.poll() is None:
-        server.kill()
 
 
 def _batch(prefix: str, n: int) -> list[dict]:
