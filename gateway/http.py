@@ -1,5 +1,6 @@
 """HTTP plumbing shared by every dialect: bodies, encodings, client address,
-CORS and trailing slashes. The middlewares are plain ASGI classes."""
+CORS, and the shutdown drain (a plain ASGI middleware). Trailing slashes are
+the router's (gateway.app.Dispatch)."""
 
 from __future__ import annotations
 
