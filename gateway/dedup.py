@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.redislink import Channel, Coalesce, Kind, RedisLink
+from gateway.redislink import Channel, Coalesce, Kind, RedisLink, resolved
 
 Key = tuple[str, str, str]  # project, source, insert_id
 _Stream = tuple[str, str, list[str]]  # project, source, insert ids
@@ -117,10 +117,10 @@ class Dedup:
         far as the cache knows). In Redis the question rides the request
         path's flight (see Flight)."""
         if self._local is not None:
-            return _now(self._local.seen(keys))
+            return resolved(self._local.seen(keys))
         assert self._link is not None and self._lookups is not None
         if not keys or not self._link.usable:
-            return _now(set())
+            return resolved(set())
         return self._link.flight.submit(self._lookups, keys)
 
     async def remember(self, keys: list[Key]) -> None:
@@ -163,12 +163,6 @@ class Dedup:
             return done
         self._link.succeeded()
         return done
-
-
-def _now(result: set[Key]) -> asyncio.Future[set[Key]]:
-    future: asyncio.Future[set[Key]] = asyncio.get_running_loop().create_future()
-    future.set_result(result)
-    return future
 
 
 class _Lookups(Kind[list[Key], set[Key]]):

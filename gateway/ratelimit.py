@@ -14,10 +14,10 @@ import itertools
 import math
 import os
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from dialects.base import SlidingWindow, TokenBucket
-from gateway.redislink import Channel, Coalesce, Kind, RedisLink
+from gateway.redislink import Kind, RedisLink, resolved
 
 # One admission per key, in order (a key may repeat: the requests of one
 # client). KEYS[i]: a window's sorted set; ARGV[3i-2..3i]: limit, window ms,
@@ -99,38 +99,66 @@ return out
 """
 
 
-def _now(result: int) -> asyncio.Future[int]:
-    future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    future.set_result(result)
-    return future
+T = TypeVar("T")
 
 
-class _Admissions(Kind[tuple[str, SlidingWindow], int]):
-    """Sliding-window admissions: one script call for a flight's asks."""
+class _Scripted(Kind[T, int]):
+    """Asks answered by one script call for all of a flight's: 0, or the
+    milliseconds to wait."""
 
-    def __init__(self, link: RedisLink) -> None:
+    prefix: tuple[str, str]
+
+    def __init__(self, link: RedisLink, script: str) -> None:
         self._link = link
-        self._script = link.client.register_script(_SLIDING_WINDOW)
+        self._script = link.client.register_script(script)
         self.scripts = (self._script,)
-        self._nonce = itertools.count()
-        self._pid = os.getpid()
 
-    def commands(self, asks: list[tuple[str, SlidingWindow]]) -> tuple[list[tuple[Any, ...]], None]:
+    def args(self, ask: T) -> list[object]:
+        raise NotImplementedError
+
+    def commands(self, asks: list[T]) -> tuple[list[tuple[Any, ...]], None]:
         keys: list[str] = []
         args: list[object] = []
-        for key, window in asks:
-            keys.append(self._link.key("rl", "{sliding}", key))
-            args += [window.requests, window.per_seconds * 1000, f"{self._pid}:{next(self._nonce)}"]
+        for ask in asks:
+            keys.append(self._link.key(*self.prefix, ask[0]))  # type: ignore[index]
+            args += self.args(ask)
         return [("EVALSHA", self._script.sha, len(keys), *keys, *args)], None
 
-    def results(self, asks: list[tuple[str, SlidingWindow]], plan: None,
-                replies: list[Any] | Exception) -> list[int]:
+    def results(self, asks: list[T], plan: None, replies: list[Any] | Exception) -> list[int]:
         reply = replies if isinstance(replies, Exception) else replies[0]
         if isinstance(reply, Exception):
             self._link.failed("rate limiting", reply)
             return [0] * len(asks)
         self._link.succeeded()
         return [int(w) for w in reply]
+
+
+class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
+    """Sliding-window admissions."""
+
+    prefix = ("rl", "{sliding}")
+
+    def __init__(self, link: RedisLink) -> None:
+        super().__init__(link, _SLIDING_WINDOW)
+        self._nonce = itertools.count()
+        self._pid = os.getpid()
+
+    def args(self, ask: tuple[str, SlidingWindow]) -> list[object]:
+        window = ask[1]
+        return [window.requests, window.per_seconds * 1000, f"{self._pid}:{next(self._nonce)}"]
+
+
+class _Takes(_Scripted[tuple[str, TokenBucket, int]]):
+    """Token-bucket takes."""
+
+    prefix = ("tb", "{bucket}")
+
+    def __init__(self, link: RedisLink) -> None:
+        super().__init__(link, _TOKEN_BUCKET)
+
+    def args(self, ask: tuple[str, TokenBucket, int]) -> list[object]:
+        _, bucket, cost = ask
+        return [bucket.capacity, cost, bucket.per_seconds * 1000]
 
 
 def retry_after_seconds(wait_ms: int) -> int:
@@ -188,9 +216,7 @@ class Limiter:
         self._link = link
         self._local = LocalLimiter()
         self._admissions = _Admissions(link) if link else None
-        self._bucket = link.client.register_script(_TOKEN_BUCKET) if link else None
-        self._takes: Coalesce[tuple[str, TokenBucket, int], int] = Coalesce(self._take)
-        self._take_channel = Channel(link) if link else None
+        self._takes = _Takes(link) if link else None
 
     def sliding(self, name: str, subject: str, window: SlidingWindow) -> asyncio.Future[int]:
         """Asked now, answered by the future: 0 if admitted, else
@@ -199,32 +225,17 @@ class Limiter:
         next in the same turn."""
         key = f"{name}:{subject}"
         if self._link is None or self._admissions is None:
-            return _now(self._local.sliding(key, window))
+            return resolved(self._local.sliding(key, window))
         if not self._link.usable:
-            return _now(0)
+            return resolved(0)
         return self._link.flight.submit(self._admissions, (key, window))
 
     async def bucket(self, name: str, subject: str, bucket: TokenBucket, cost: int) -> int:
         """Take `cost` tokens (capped at the capacity): 0, or ms until the refill."""
         cost = min(cost, bucket.capacity)
         key = f"{name}:{subject}"
-        if self._link is None or self._bucket is None:
+        if self._link is None or self._takes is None:
             return await self._local.bucket(key, bucket, cost)
         if not self._link.usable:
             return 0
-        return await self._takes.submit((key, bucket, cost))
-
-    async def _take(self, asks: list[tuple[str, TokenBucket, int]]) -> list[int]:
-        assert self._link is not None and self._bucket is not None and self._take_channel is not None
-        keys: list[str] = []
-        args: list[object] = []
-        for key, bucket, cost in asks:
-            keys.append(self._link.key("tb", "{bucket}", key))
-            args += [bucket.capacity, cost, bucket.per_seconds * 1000]
-        try:
-            waits = await self._take_channel.script(self._bucket, keys, args)
-        except Exception as exc:
-            self._link.failed("rate limiting", exc)
-            return [0] * len(asks)
-        self._link.succeeded()
-        return [int(w) for w in waits]
+        return await self._link.flight.submit(self._takes, (key, bucket, cost))

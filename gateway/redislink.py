@@ -206,22 +206,12 @@ class Channel:
 
     Through the client every command checks a connection out and back in,
     runs in a retry wrapper and records pool metrics: twice the CPU of the
-    round trip itself, on the calls made for every request. Scripts run by
-    SHA, loaded (on this connection) when Redis does not know them: at the
-    first call, and after a restart."""
+    round trip itself, on the calls made for every request. (Scripts go
+    through a Flight, which loads them when Redis does not know them.)"""
 
     def __init__(self, link: RedisLink) -> None:
         self._link = link
         self._conn: Any = None
-
-    async def script(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        (reply,) = await self.execute([command])
-        if isinstance(reply, NoScriptError):
-            _, reply = await self.execute([("SCRIPT", "LOAD", script.script), command])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
 
     async def execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies in order; an error reply is returned, not raised."""
@@ -260,6 +250,13 @@ class Channel:
             await conn.disconnect()
             await pool.release(conn)
             raise
+
+
+def resolved(value: T) -> asyncio.Future[T]:
+    """A future already holding `value` (an answer known without Redis)."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 class Kind(Generic[T, R]):

@@ -1,6 +1,6 @@
-"""gateway.redislink.Channel against a real Redis of the test's own: scripts
-by SHA (loaded when Redis does not know them), error replies returned, and a
-connection the server dropped replaced within the call."""
+"""gateway.redislink.Channel against a real Redis of the test's own: error
+replies returned, and a connection the server dropped replaced within the
+call. (Scripts by SHA, loaded when Redis lacks them: tests/gateway/test_flight.py.)"""
 
 from __future__ import annotations
 
@@ -10,20 +10,6 @@ import redis
 from gateway.redislink import Channel
 
 pytestmark = pytest.mark.anyio
-
-_SCRIPT = "redis.call('INCR', KEYS[1]); return tonumber(redis.call('GET', KEYS[1])) * tonumber(ARGV[1])"
-
-
-async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(link) -> None:
-    channel = Channel(link)
-    script = link.client.register_script(_SCRIPT)
-    assert await channel.script(script, ["n"], [10]) == 10  # first call: NOSCRIPT, loaded
-    assert await channel.script(script, ["n"], [10]) == 20
-    await link.client.script_flush()  # as a restart would
-    assert await channel.script(script, ["n"], [10]) == 30
-    # Once per call, never twice: the counter moved by one each time.
-    assert await link.client.get("n") == b"3"
-
 
 async def test_replies_in_order_with_errors_returned(link) -> None:
     channel = Channel(link)

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from dialects.base import SlidingWindow
 from gateway.dedup import Dedup
 from gateway.ratelimit import Limiter
-from gateway.redislink import Channel, RedisLink
+from gateway.redislink import Channel, Kind, RedisLink
 
 pytestmark = pytest.mark.anyio
 
@@ -66,6 +67,34 @@ async def test_one_call_of_many_asks_answers_as_one_ask_at_a_time(link) -> None:
     assert 9000 < await link.client.pttl("t:rl:{sliding}:cohorly:a") <= 10000
     # A later call sees them.
     assert await limiter.sliding("cohorly", "a", two) > 0
+
+
+_SCRIPT = "redis.call('INCR', KEYS[1]); return tonumber(redis.call('GET', KEYS[1])) * tonumber(ARGV[1])"
+
+
+class _Counter(Kind[int, int]):
+    """Each item: INCR n by script, answered n times the item."""
+
+    def __init__(self, link: RedisLink) -> None:
+        self._script = link.client.register_script(_SCRIPT)
+        self.scripts = (self._script,)
+
+    def commands(self, items: list[int]) -> tuple[list[tuple[Any, ...]], None]:
+        return [("EVALSHA", self._script.sha, 1, "n", item) for item in items], None
+
+    def results(self, items: list[int], plan: None, replies: list[Any] | Exception) -> list[int]:
+        assert not isinstance(replies, Exception)
+        return list(replies)
+
+
+async def test_a_script_unknown_to_redis_is_loaded_and_runs_once(link) -> None:
+    counter = _Counter(link)
+    assert await link.flight.submit(counter, 10) == 10  # first call: NOSCRIPT, loaded
+    assert await link.flight.submit(counter, 10) == 20
+    await link.client.script_flush()  # as a restart would
+    assert await link.flight.submit(counter, 10) == 30
+    # Once per call, never twice: the counter moved by one each time.
+    assert await link.client.get("n") == b"3"
 
 
 async def test_a_flight_reloads_the_scripts_redis_lost_and_runs_each_command_once(link) -> None:
