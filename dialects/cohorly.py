@@ -11,6 +11,7 @@ fault, which a generic decoder path does not say in the vendor's words.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -153,7 +154,7 @@ class Cohorly(Dialect):
         header_token = request.headers.get("x-cohorly-token")
         credentials = self.credentials
         received_at = request.received_at
-        context = request_context(request)
+        context: dict[str, Any] | None = None  # made once a record is accepted
         records: list[Record] = []
         for item in items:
             name, props = item.event, item.properties
@@ -176,6 +177,8 @@ class Cohorly(Dialect):
             # place (a copy per event was a tenth of a batch's translation).
             for key in _LIFTED:
                 props.pop(key, None)
+            if context is None:
+                context = request_context(request)
             records.append(
                 self._track_event(project, name, props, distinct_id, time, insert_id, received_at, context)
             )
@@ -333,18 +336,26 @@ _STATUS = {
 
 
 def _error(failure: Failure) -> Reply:
-    message = {
+    if failure.retry_after is None:
+        return _plain_error(failure.kind, failure.message)
+    return json_reply(_STATUS[failure.kind], {"status": 0, "error": _message(failure.kind, failure.message)},
+                      retry_after_headers(failure))
+
+
+@functools.lru_cache(maxsize=256)
+def _plain_error(kind: str, message: str) -> Reply:
+    """An error without Retry-After: the same few again and again (under a
+    flood of bad requests, one), so each is encoded once."""
+    return json_reply(_STATUS[kind], {"status": 0, "error": _message(kind, message)})
+
+
+def _message(kind: str, message: str) -> str:
+    return {
         "unauthorized": "invalid token",
         "too_large": "request body too large",
         "rate_limited": "rate limited",
         "unavailable": "service unavailable, retry later",
-    }.get(failure.kind, failure.message)
-    return json_reply(
-        _STATUS[failure.kind],
-        {"status": 0, "error": message},
-        retry_after_headers(failure),
-    )
-
+    }.get(kind, message)
 
 
 def _check_verb(verb: str, value: Any) -> Any:

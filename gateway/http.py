@@ -222,10 +222,10 @@ class Cors:
         await send({"type": "http.response.body", "body": b""})
 
     @classmethod
-    def headers(cls, scope: Scope) -> list[tuple[bytes, bytes]]:
-        """What an answer adds: nothing without an Origin."""
-        origin = _header(scope, b"origin")
-        return [] if origin is None else cls._origin_headers(origin)
+    def headers(cls, origin: str | None) -> list[tuple[bytes, bytes]]:
+        """What an answer to a request with this Origin header (as
+        `header_dict` has it) adds: nothing without one."""
+        return [] if origin is None else cls._origin_headers(origin.encode("latin-1"))
 
     @staticmethod
     def _origin_headers(origin: bytes | None) -> list[tuple[bytes, bytes]]:

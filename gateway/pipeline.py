@@ -101,7 +101,7 @@ class Ingest:
         reply = self.dialect.render(request, result)
         if isinstance(result, Failure):
             self._log_rejected(request, result, reply)
-        await _send(send, reply, Cors.headers(scope))
+        await _send(send, reply, Cors.headers(headers.get("origin")))
         await reader.drain()
         services.metrics.observe(self.dialect.name, time.perf_counter() - started)
 

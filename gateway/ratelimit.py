@@ -12,60 +12,55 @@ import asyncio
 import collections
 import itertools
 import math
-import os
+import secrets
 import time
 from typing import Any, TypeVar
 
 from dialects.base import SlidingWindow, TokenBucket
 from gateway.redislink import Kind, RedisLink, resolved
 
-# One admission per key, in order (a key may repeat: the requests of one
-# client). KEYS[i]: a window's sorted set; ARGV[3i-2..3i]: limit, window ms,
-# unique member. Returns per key 0 when admitted, else the milliseconds until
-# a slot frees up. Concurrent requests share one call (see Flight); the
-# keys share a hash tag, so the script stays in one Redis Cluster slot.
-# A key's set is trimmed and counted once per call, and its admissions
-# added in one ZADD at the end (before a refusal reads the oldest entry):
-# the same answers as one ask at a time, at a fraction of the commands.
+# Admissions, one group per key (the asks of one client in a flight, in
+# order). KEYS[i]: a window's sorted set; ARGV[1]: a prefix unique to this
+# call (members are the prefix and a running number); ARGV[3i-1..3i+1]:
+# limit, window ms, how many ask. Returns per key {admitted, wait}: the
+# first `admitted` asks of the group are admitted, the rest wait `wait` ms
+# until a slot frees up. Concurrent requests share one call (see Flight);
+# the keys share a hash tag, so the script stays in one Redis Cluster slot.
+# A key's set is trimmed and counted once, and its admissions added in one
+# ZADD: the same answers as one ask at a time, at a fraction of the commands.
 _SLIDING_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix = ARGV[1]
+local made = 0
 local out = {}
-local sets = {}
-local function flush(set)
-  local members = set.members
-  for j = 1, #members, 1000 do
-    redis.call('ZADD', set.key, unpack(members, j, math.min(j + 999, #members)))
-  end
-  if #members > 0 then
-    redis.call('PEXPIRE', set.key, set.window)
-  end
-  set.members = {}
-end
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[3 * i - 2])
-  local window = tonumber(ARGV[3 * i - 1])
-  local set = sets[key]
-  if set == nil or set.window ~= window then
-    if set ~= nil then flush(set) end
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-    set = {key = key, window = window, count = redis.call('ZCARD', key), members = {}}
-    sets[key] = set
+  local limit = tonumber(ARGV[3 * i - 1])
+  local window = tonumber(ARGV[3 * i])
+  local asks = tonumber(ARGV[3 * i + 1])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local admitted = math.max(0, math.min(asks, limit - redis.call('ZCARD', key)))
+  local members = {}
+  for j = 1, admitted do
+    made = made + 1
+    members[2 * j - 1] = now
+    members[2 * j] = prefix .. made
   end
-  if set.count < limit then
-    set.count = set.count + 1
-    local members = set.members
-    members[#members + 1] = now
-    members[#members + 1] = ARGV[3 * i]
-    out[i] = 0
-  else
-    flush(set)
+  for j = 1, #members, 1000 do
+    redis.call('ZADD', key, unpack(members, j, math.min(j + 999, #members)))
+  end
+  if admitted > 0 then
+    redis.call('PEXPIRE', key, window)
+  end
+  local wait = 0
+  if admitted < asks then
     local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    out[i] = math.max(1, tonumber(oldest[2]) + window - now)
+    wait = window
+    if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + window - now) end
   end
+  out[i] = {admitted, wait}
 end
-for _, set in pairs(sets) do flush(set) end
 return out
 """
 
@@ -106,59 +101,80 @@ class _Scripted(Kind[T, int]):
     """Asks answered by one script call for all of a flight's: 0, or the
     milliseconds to wait."""
 
-    prefix: tuple[str, str]
-
-    def __init__(self, link: RedisLink, script: str) -> None:
+    def __init__(self, link: RedisLink, script: str, *prefix: str) -> None:
         self._link = link
         self._script = link.client.register_script(script)
         self.scripts = (self._script,)
+        self._head = link.key(*prefix, "")
 
-    def args(self, ask: T) -> list[object]:
-        raise NotImplementedError
+    def _call(self, keys: list[str], args: list[object]) -> list[tuple[Any, ...]]:
+        return [("EVALSHA", self._script.sha, len(keys), *keys, *args)]
 
-    def commands(self, asks: list[T]) -> tuple[list[tuple[Any, ...]], None]:
-        keys: list[str] = []
-        args: list[object] = []
-        for ask in asks:
-            keys.append(self._link.key(*self.prefix, ask[0]))  # type: ignore[index]
-            args += self.args(ask)
-        return [("EVALSHA", self._script.sha, len(keys), *keys, *args)], None
-
-    def results(self, asks: list[T], plan: None, replies: list[Any] | Exception) -> list[int]:
+    def _reply(self, replies: list[Any] | Exception) -> list[Any] | None:
+        """The script's reply, or None when Redis failed (and limits open)."""
         reply = replies if isinstance(replies, Exception) else replies[0]
         if isinstance(reply, Exception):
             self._link.failed("rate limiting", reply)
-            return [0] * len(asks)
+            return None
         self._link.succeeded()
-        return [int(w) for w in reply]
+        return reply  # type: ignore[no-any-return]
 
 
 class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
-    """Sliding-window admissions."""
-
-    prefix = ("rl", "{sliding}")
+    """Sliding-window admissions: a flight's asks grouped per client and
+    window, one group per key of the script."""
 
     def __init__(self, link: RedisLink) -> None:
-        super().__init__(link, _SLIDING_WINDOW)
-        self._nonce = itertools.count()
-        self._pid = os.getpid()
+        super().__init__(link, _SLIDING_WINDOW, "rl", "{sliding}")
+        # Members must be unique across every gateway sharing the Redis:
+        # a random origin per process, and a number per call.
+        self._origin = secrets.token_hex(6)
+        self._calls = itertools.count()
 
-    def args(self, ask: tuple[str, SlidingWindow]) -> list[object]:
-        window = ask[1]
-        return [window.requests, window.per_seconds * 1000, f"{self._pid}:{next(self._nonce)}"]
+    def commands(self, asks: list[tuple[str, SlidingWindow]]) -> tuple[list[tuple[Any, ...]], list[list[int]]]:
+        groups: dict[tuple[str, SlidingWindow], list[int]] = {}
+        for index, ask in enumerate(asks):
+            group = groups.get(ask)
+            if group is None:
+                groups[ask] = [index]
+            else:
+                group.append(index)
+        keys: list[str] = []
+        args: list[object] = [f"{self._origin}:{next(self._calls)}:"]
+        for (subject, window), indexes in groups.items():
+            keys.append(self._head + subject)
+            args += (window.requests, window.per_seconds * 1000, len(indexes))
+        return self._call(keys, args), list(groups.values())
+
+    def results(self, asks: list[tuple[str, SlidingWindow]], plan: list[list[int]],
+                replies: list[Any] | Exception) -> list[int]:
+        waits = [0] * len(asks)
+        reply = self._reply(replies)
+        if reply is not None:
+            for indexes, (admitted, wait) in zip(plan, reply):
+                for index in indexes[admitted:]:
+                    waits[index] = wait
+        return waits
 
 
 class _Takes(_Scripted[tuple[str, TokenBucket, int]]):
-    """Token-bucket takes."""
-
-    prefix = ("tb", "{bucket}")
+    """Token-bucket takes, one key per ask."""
 
     def __init__(self, link: RedisLink) -> None:
-        super().__init__(link, _TOKEN_BUCKET)
+        super().__init__(link, _TOKEN_BUCKET, "tb", "{bucket}")
 
-    def args(self, ask: tuple[str, TokenBucket, int]) -> list[object]:
-        _, bucket, cost = ask
-        return [bucket.capacity, cost, bucket.per_seconds * 1000]
+    def commands(self, asks: list[tuple[str, TokenBucket, int]]) -> tuple[list[tuple[Any, ...]], None]:
+        keys: list[str] = []
+        args: list[object] = []
+        for subject, bucket, cost in asks:
+            keys.append(self._head + subject)
+            args += (bucket.capacity, cost, bucket.per_seconds * 1000)
+        return self._call(keys, args), None
+
+    def results(self, asks: list[tuple[str, TokenBucket, int]], plan: None,
+                replies: list[Any] | Exception) -> list[int]:
+        reply = self._reply(replies)
+        return [0] * len(asks) if reply is None else [int(w) for w in reply]
 
 
 def retry_after_seconds(wait_ms: int) -> int:

@@ -69,6 +69,28 @@ async def test_one_call_of_many_asks_answers_as_one_ask_at_a_time(link) -> None:
     assert await limiter.sliding("cohorly", "a", two) > 0
 
 
+async def test_two_gateways_asking_in_one_flight_each_add_their_own_admissions(link) -> None:
+    # Two limiters are two gateways sharing one Redis (here in one process,
+    # with the same pid): their admissions must never collide as members.
+    first, second = Limiter(link), Limiter(link)
+    four = SlidingWindow(requests=4, per_seconds=10)
+    asks = [limiter.sliding("cohorly", "c", four) for limiter in (first, second, first, second)]
+    assert await asyncio.gather(*asks) == [0, 0, 0, 0]
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:c") == 4
+    assert await first.sliding("cohorly", "c", four) > 0
+
+
+async def test_one_client_under_two_windows_in_one_call_is_held_to_each(link) -> None:
+    # The same key asked with two windows (a configuration changed between
+    # two workers): each group is trimmed and counted against its own.
+    limiter = Limiter(link)
+    one, three = SlidingWindow(requests=1, per_seconds=10), SlidingWindow(requests=3, per_seconds=10)
+    order = [("d", one), ("d", three), ("d", one), ("d", three), ("d", three)]
+    waits = await asyncio.gather(*[limiter.sliding("cohorly", key, window) for key, window in order])
+    assert [w == 0 for w in waits] == [True, True, False, True, False]
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:d") == 3
+
+
 _SCRIPT = "redis.call('INCR', KEYS[1]); return tonumber(redis.call('GET', KEYS[1])) * tonumber(ARGV[1])"
 
 
