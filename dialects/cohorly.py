@@ -336,7 +336,7 @@ _STATUS = {
 
 
 def _error(failure: Failure) -> Reply:
-    if failure.retry_after is None:
+    if failure.retry_after is None and len(failure.message) <= 200:
         return _plain_error(failure.kind, failure.message)
     return json_reply(_STATUS[failure.kind], {"status": 0, "error": _message(failure.kind, failure.message)},
                       retry_after_headers(failure))
@@ -344,8 +344,9 @@ def _error(failure: Failure) -> Reply:
 
 @functools.lru_cache(maxsize=256)
 def _plain_error(kind: str, message: str) -> Reply:
-    """An error without Retry-After: the same few again and again (under a
-    flood of bad requests, one), so each is encoded once."""
+    """A short error without Retry-After: the same few again and again
+    (under a flood of bad requests, one), so each is encoded once. (A
+    message may quote a key of the payload: a long one is not kept.)"""
     return json_reply(_STATUS[kind], {"status": 0, "error": _message(kind, message)})
 
 

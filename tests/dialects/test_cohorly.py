@@ -1185,3 +1185,18 @@ async def test_delete_false_alone_creates_no_profile(backend) -> None:
         reply = await client.post("/engage", headers=SHOP, json={"distinct_id": "ghost", "$delete": False})
         assert reply.json() == {"status": 1, "applied": 1}
         assert await profile_of(client, "ghost") is None
+
+
+async def test_an_error_quoting_a_long_key_is_answered_whole_and_not_kept(sqlite_backend) -> None:
+    # Short error bodies are encoded once and kept; one quoting a key of the
+    # payload can be as long as the body, and a flood of them must not pile up.
+    from dialects.cohorly import _plain_error
+
+    key = "k" * 5000
+    async with gateway(settings_for(sqlite_backend)) as client:
+        short = await client.post("/engage", headers=SHOP, json={"distinct_id": "u", "$add": {"k": "x"}})
+        kept = _plain_error.cache_info().currsize
+        long = await client.post("/engage", headers=SHOP, json={"distinct_id": "u", "$add": {key: "x"}})
+        assert _plain_error.cache_info().currsize == kept
+    assert assert_error(short, 400) == "$add.k must be a number"
+    assert assert_error(long, 400) == f"$add.{key} must be a number"
