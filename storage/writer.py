@@ -131,8 +131,9 @@ class Writer:
         self._admit = admit
         # Lanes write concurrently, each its own transactions. Lane 0 alone
         # takes identity and profile records, so they keep arrival order;
-        # requests of events only go to the least loaded lane (the unique key
-        # settles concurrent duplicates). SQLite has one writer lock: 1 lane.
+        # requests of events only (or events and touches of their profiles)
+        # go to the least loaded lane (the unique key settles concurrent
+        # duplicates). SQLite has one writer lock: 1 lane.
         count = 1 if self._backend is Backend.SQLITE else max(1, lanes)
         self._queues: list[asyncio.Queue[_Pending | None]] = [asyncio.Queue() for _ in range(count)]
         self._load = [0] * count  # rows queued or being written, per lane
@@ -140,7 +141,8 @@ class Writer:
         self._closed = False
         self._sqlite_events = SqliteEvents.for_url(engine.url) if self._backend is Backend.SQLITE else None
         # PostgreSQL: each lane's events-only groups go through a connection
-        # of its own, one statement each.
+        # of its own, one statement each (with touches: one statement in a
+        # transaction).
         self._pg_events = (
             [PgEvents(engine) for _ in range(count)] if self._backend is Backend.POSTGRESQL else []
         )
@@ -165,9 +167,12 @@ class Writer:
             await pg.close()
 
     def _enqueue(self, pending: _Pending) -> None:
-        if not pending.records or any(type(r) is not Event for r in pending.records):
+        if not pending.records or any(type(r) is not Event and not _is_touch(r) for r in pending.records):
             # Identity, profile and device work, and rejections written on
-            # their own: the ordered lane.
+            # their own: the ordered lane. (A touch commutes with every other
+            # profile change but a concurrent delete, whose order against
+            # another request in flight nobody could have known: events that
+            # touch their profiles take the event lanes.)
             lane = 0
         else:
             lane = self._event_lane()
@@ -264,6 +269,24 @@ class Writer:
                     stored = await self._pg_events[lane].insert(json_text(fresh))
                 _settle_events(owner, stored, results)
             return results
+        if self._pg_events and all(
+            not p.rejections and all(type(r) is Event or _is_touch(r) for r in p.records) for p in group
+        ):
+            # Events and the touches of their persons' profiles (the client
+            # API's events): one statement inside a transaction of their own.
+            fresh, owner = _plan_events(group, results)
+            touched: set[tuple[str, str]] = set()
+            for pending, written in zip(group, results):
+                for record in pending.records:
+                    if type(record) is ProfileUpdate:
+                        touched.add((record.project, clean(record.distinct_id)))  # type: ignore[arg-type]
+                        written.applied += 1
+            touches = [{"project": project, "id": id_} for project, id_ in sorted(touched)]
+            stored = await self._pg_events[lane].insert_touching(
+                json_text(fresh), json_text(touches), sorted({project for project, _ in touched}), self._clock()
+            )
+            _settle_events(owner, stored, results)
+            return results
         async with self._engine.begin() as conn:
             tx = _Transaction(conn, self._backend, self._clock())
             await tx.events(group, results)
@@ -326,6 +349,19 @@ _PG_INSERT = (
     "time bigint, received_at bigint, insert_id varchar, session_id text, properties jsonb, "
     "context jsonb, consent boolean"
     ") ON CONFLICT (project, source, insert_id) DO NOTHING RETURNING project, source, insert_id"
+)
+# The events, and in the same statement the profiles they touch: each id
+# resolved to its person, a missing profile created empty, an existing one
+# only updated (in (project, person) order, as every profile write here).
+_PG_INSERT_TOUCHING = (
+    "WITH touched AS ("
+    "INSERT INTO profiles (project, distinct_id, properties, created_at, updated_at) "
+    "SELECT DISTINCT t.project, coalesce(a.person, t.id), '{}'::jsonb, $3::bigint, $3::bigint "
+    "FROM json_to_recordset($2::json) AS t(project varchar, id text) "
+    "LEFT JOIN aliases a ON a.project = t.project AND a.alias = t.id "
+    "ORDER BY 1, 2 "
+    "ON CONFLICT (project, distinct_id) DO UPDATE SET updated_at = excluded.updated_at) "
+    + _PG_INSERT
 )
 _PG_LOCK = "SELECT pg_advisory_xact_lock($1)"
 _PG_LINKS = "SELECT alias, person FROM aliases WHERE project = $1 AND alias = ANY($2::text[])"
@@ -544,7 +580,8 @@ class SqliteEvents:
 class PgEvents:
     """PostgreSQL's path for groups of events only: the insert as one
     statement, with no transaction block around it, on a connection the lane
-    keeps checked out.
+    keeps checked out (and for events that touch their profiles, the same
+    statement with the touches, in a short transaction: `insert_touching`).
 
     A statement outside a block is its own transaction, committed (and, with
     the server's default synchronous_commit, flushed) before its result
@@ -577,6 +614,51 @@ class PgEvents:
             return await self.insert(payload)
         return {(p, s, i) for p, s, i in rows if i is not None}
 
+    async def insert_touching(self, payload: str, touches: str, projects: list[str],
+                              now: int) -> set[tuple[str, str, str]]:
+        """Insert the JSON array of events and touch the profiles of the
+        JSON array of {project, id} (each resolved to its person), in one
+        transaction holding the projects' profile locks shared: touches go
+        side by side on every lane, while the ordered lane's identity and
+        profile work (which holds them exclusive) waits for them, and they
+        for it. The lock comes in a statement before the one that reads the
+        links, so that one's snapshot sees every merge committed before."""
+        fresh = self._driver is None
+        if fresh:
+            await self._checkout()
+        driver = self._driver
+        # Integers of our own making, so the statement may carry them: BEGIN
+        # and the locks in one round trip (the simple protocol takes several).
+        begin = "BEGIN;" + "".join(f"SELECT pg_advisory_xact_lock_shared({_lock_key(p)});" for p in projects)
+        try:
+            await driver.execute(begin)
+        except Exception:
+            if not driver.is_closed():
+                raise
+            # Died while idle: nothing was sent; once more on a fresh one.
+            await self._discard()
+            if fresh:
+                raise
+            return await self.insert_touching(payload, touches, projects, now)
+        try:
+            rows = await driver.fetch(_PG_INSERT_TOUCHING, payload, touches, now)
+            await driver.execute("COMMIT")
+        except BaseException:
+            await self._abandon()
+            raise
+        return {(p, s, i) for p, s, i in rows if i is not None}
+
+    async def _abandon(self) -> None:
+        """After a failure inside the transaction: rolled back, or, if that
+        cannot be done, the connection dropped (never reused half-way)."""
+        if not self._driver.is_closed():
+            try:
+                await self._driver.execute("ROLLBACK")
+                return
+            except Exception:
+                pass
+        await self._discard()
+
     async def _checkout(self) -> None:
         conn = await self._engine.connect()
         try:
@@ -604,10 +686,23 @@ class PgEvents:
                 log.warning("closing the events connection: %s", _short(exc))
 
 
+def _is_touch(record: Record) -> bool:
+    """A profile update that only marks its person seen: created empty when
+    missing, else only its updated_at moves."""
+    return (
+        type(record) is ProfileUpdate and record.touch  # type: ignore[union-attr]
+        and not record.delete and not _changes(record)  # type: ignore[union-attr, arg-type]
+    )
+
+
 def _is_noop(update_: ProfileUpdate) -> bool:
     """`$delete: false` alone, say: nothing to apply, so nothing is created."""
-    return not (
-        update_.touch or update_.set_once or update_.set or update_.add or update_.append
+    return not (update_.touch or _changes(update_))
+
+
+def _changes(update_: ProfileUpdate) -> bool:
+    return bool(
+        update_.set_once or update_.set or update_.add or update_.append
         or update_.union or update_.remove or update_.unset
     )
 

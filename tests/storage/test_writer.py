@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from gateway.model import Alias, Device, Event, ProfileUpdate
@@ -313,3 +314,96 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
     finally:
         await other.close()
         await engine.dispose()
+
+
+async def _profile_rows(engine) -> dict[str, tuple[dict, int, int]]:
+    """distinct_id -> (properties, created_at, updated_at), straight from the table."""
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql(
+            "SELECT distinct_id, CAST(properties AS TEXT), created_at, updated_at FROM profiles "
+            "WHERE project = 'shop'")).all()
+    return {r[0]: (msgspec.json.decode(r[1]), r[2], r[3]) for r in rows}
+
+
+async def test_events_touching_their_profiles_resolve_ids_and_change_nothing_but_updated_at(backend) -> None:
+    """What the client API's events do to profiles, on either path (the
+    events lanes' one statement on PostgreSQL, the general transaction on
+    SQLite): a missing profile is created empty, an existing one keeps its
+    properties and created_at and gets a new updated_at, and an id that is
+    an alias touches its person's profile, never a row of its own."""
+    clock = iter(range(1_000, 10_000, 1_000))
+    engine = create_engine(backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=lambda: next(clock), lanes=3)
+    writer.start()
+    try:
+        await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="user", time=1,
+                                           set={"plan": "pro"})])  # at 1000
+        await writer.submit([Alias(project="shop", source="t", alias="anon", distinct_id="user")])  # 2000
+        results = await asyncio.gather(  # one group at 3000: two requests, three touches
+            writer.submit([_event(1, distinct_id="anon"), _touch("anon"), _event(2, distinct_id="anon")]),
+            writer.submit([_touch("new\x00comer"), _event(3, distinct_id="new\x00comer"), _touch("user")]),
+        )
+    finally:
+        await writer.close()
+    rows = await _profile_rows(engine)
+    events, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=10, after=None)
+    await engine.dispose()
+    assert [(r.inserted, r.applied) for r in results] == [(2, 1), (1, 2)]
+    assert sorted(r["properties"]["n"] for r in events) == [1, 2, 3]
+    assert set(rows) == {"user", "new\ufffdcomer"}  # none for the alias
+    assert rows["user"] == ({"plan": "pro"}, 1_000, 3_000)
+    assert rows["new\ufffdcomer"] == ({}, 3_000, 3_000)
+
+
+async def test_postgres_events_touching_profiles_take_the_event_lanes(postgres_backend) -> None:
+    """Requests of events and touches go to the event lanes, several
+    transactions at once (their profile locks shared), and all commit."""
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=now_ms, lanes=3)
+    writer.start()
+    try:
+        requests = [
+            asyncio.create_task(writer.submit(
+                [_touch(f"p{i}"), *[_event(i * 1000 + k, distinct_id=f"p{i}") for k in range(700)]]))
+            for i in range(6)
+        ]
+        await asyncio.sleep(0)  # all queued
+        # 4,206 rows: past one lane's backlog, so the requests spread.
+        assert writer._load[1] > 0 and writer._load[2] > 0
+        results = await asyncio.gather(*requests)
+    finally:
+        await writer.close()
+    rows = await _profile_rows(engine)
+    await engine.dispose()
+    assert all((r.inserted, r.applied) == (700, 1) for r in results)
+    assert set(rows) == {f"p{i}" for i in range(6)}
+
+
+async def test_postgres_touches_racing_alias_merges_never_leave_a_profile_behind_an_alias(postgres_backend) -> None:
+    """A merge (the ordered lane, its lock exclusive) moves an anonymous
+    id's profile to its person and deletes the old row; touches of that id
+    on the event lanes (the lock shared) either come before and are moved
+    with it, or after and touch the person. Were they to read the links
+    outside the lock, a touch could recreate the row the merge deleted."""
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    writers = [Writer(engine, clock=now_ms, lanes=3) for _ in range(2)]  # two gateway processes
+    for writer in writers:
+        writer.start()
+    try:
+        work = []
+        for i in range(150):
+            anon = f"anon-{i}"
+            work.append(writers[0].submit([_touch(anon), _event(i, distinct_id=anon)]))
+            work.append(writers[1].submit([Alias(project="shop", source="t", alias=anon, distinct_id=f"user-{i}")]))
+            work.append(writers[i % 2].submit([_touch(anon), _event(1000 + i, distinct_id=anon)]))
+        results = await asyncio.gather(*work)
+    finally:
+        for writer in writers:
+            await writer.close()
+    rows = await _profile_rows(engine)
+    await engine.dispose()
+    assert [r.aliases for r in results[1::3]] == [["linked"]] * 150
+    assert set(rows) == {f"user-{i}" for i in range(150)}
