@@ -80,16 +80,35 @@ class _Pending:
 
 
 # SQLSTATE classes that mean "not now", never "not this data": connection
-# exceptions (08), insufficient resources (53, e.g. too many connections),
-# operator intervention (57P01..57P05: shutting down, starting up...).
-_TRANSIENT_SQLSTATES = ("08", "53", "57P")
+# exceptions (08), a transaction rolled back for a deadlock or a
+# serialization failure (40), insufficient resources (53, e.g. too many
+# connections), a lock or statement timeout (55P03, 57014), operator
+# intervention (57P01..57P05: shutting down, starting up...). Nothing of
+# the statement stays: the request may be sent again.
+_TRANSIENT_SQLSTATES = ("08", "40", "53", "55P03", "57014", "57P")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it wraps (SQLAlchemy's `orig`, `__cause__`)."""
+    seen: BaseException | None = exc
+    depth = 0
+    while seen is not None and depth < 5:
+        yield seen
+        seen = getattr(seen, "orig", None) or seen.__cause__
+        depth += 1
+
+
+def _sqlstate(exc: BaseException) -> str:
+    for seen in _causes(exc):
+        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
+        if isinstance(state, str):
+            return state
+    return ""
 
 
 def is_unavailable(exc: BaseException) -> bool:
     """True when the database could not be reached or cannot work right now."""
-    seen: BaseException | None = exc
-    depth = 0
-    while seen is not None and depth < 5:
+    for seen in _causes(exc):
         if isinstance(seen, (OSError, ConnectionError, asyncio.TimeoutError, sqlite3.OperationalError)):
             # sqlite3: locked past the busy timeout, disk full, I/O error.
             return True
@@ -97,14 +116,9 @@ def is_unavailable(exc: BaseException) -> bool:
             seen.connection_invalidated or isinstance(seen, (OperationalError, InterfaceError))
         ):
             return True
-        state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)
-        if isinstance(state, str) and state.startswith(_TRANSIENT_SQLSTATES):
-            return True
         if "connect" in type(seen).__name__.lower():
             return True
-        seen = getattr(seen, "orig", None) or seen.__cause__
-        depth += 1
-    return False
+    return _sqlstate(exc).startswith(_TRANSIENT_SQLSTATES)
 
 
 # Rows queued or in flight on a lane before event requests overflow to the next.
@@ -234,9 +248,14 @@ class Writer:
         try:
             results = await self._write(group, lane)
         except Exception as exc:
-            if isinstance(exc, DBAPIError) and exc.connection_invalidated and not retried:
+            if not retried and (
+                (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _sqlstate(exc).startswith("40")
+            ):
                 # A pooled connection died while idle (say, the server
-                # restarted): nothing was written; try once on a fresh one.
+                # restarted), or the transaction was chosen to break a
+                # deadlock: nothing was written; try once more.
+                if _sqlstate(exc):
+                    log.warning("database rolled the group back (%s); once more", _short(exc))
                 await self._flush(group, lane, retried=True)
                 return
             if is_unavailable(exc):
@@ -289,11 +308,16 @@ class Writer:
             return results
         async with self._engine.begin() as conn:
             tx = _Transaction(conn, self._backend, self._clock())
-            await tx.events(group, results)
-            if any(type(r) is not Event for p in group for r in p.records):
+            identity = any(type(r) is not Event for p in group for r in p.records)
+            if identity:
                 if self._backend is Backend.POSTGRESQL:
                     tx.driver = (await conn.get_raw_connection()).driver_connection
+                # Before the events: a transaction never waits for the lock
+                # holding an insert id another one (holding it shared, with
+                # touches) may be waiting for.
                 await tx.lock_projects(group)
+            await tx.events(group, results)
+            if identity:
                 # Under the lock, so what is read stays true until commit.
                 await tx.prefetch(group)
                 for pending, written in zip(group, results):
@@ -360,7 +384,8 @@ _PG_INSERT_TOUCHING = (
     "FROM json_to_recordset($2::json) AS t(project varchar, id text) "
     "LEFT JOIN aliases a ON a.project = t.project AND a.alias = t.id "
     "ORDER BY 1, 2 "
-    "ON CONFLICT (project, distinct_id) DO UPDATE SET updated_at = excluded.updated_at) "
+    "ON CONFLICT (project, distinct_id) DO UPDATE SET "
+    "updated_at = greatest(profiles.updated_at, excluded.updated_at)) "
     + _PG_INSERT
 )
 _PG_LOCK = "SELECT pg_advisory_xact_lock($1)"
@@ -375,7 +400,7 @@ _PG_PROFILES_UPSERT = (
     "SELECT project, distinct_id, properties, created_at, updated_at FROM json_to_recordset($1::json) AS r("
     "project varchar, distinct_id text, properties jsonb, created_at bigint, updated_at bigint"
     ") ON CONFLICT (project, distinct_id) DO UPDATE SET properties = excluded.properties, "
-    "updated_at = excluded.updated_at"
+    "updated_at = greatest(profiles.updated_at, excluded.updated_at)"
 )
 _SQLITE_ROW = "(" + ",".join("?" * 13) + ")"
 _SQLITE_INSERT_PLAIN = (
@@ -598,9 +623,7 @@ class PgEvents:
 
     async def insert(self, payload: str) -> set[tuple[str, str, str]]:
         """Insert the JSON array of events; the keys stored."""
-        fresh = self._driver is None
-        if fresh:
-            await self._checkout()
+        fresh = await self._ready()
         try:
             rows = await self._driver.fetch(_PG_INSERT, payload)
         except Exception:
@@ -623,37 +646,49 @@ class PgEvents:
         profile work (which holds them exclusive) waits for them, and they
         for it. The lock comes in a statement before the one that reads the
         links, so that one's snapshot sees every merge committed before."""
-        fresh = self._driver is None
-        if fresh:
-            await self._checkout()
+        fresh = await self._ready()
         driver = self._driver
         # Integers of our own making, so the statement may carry them: BEGIN
         # and the locks in one round trip (the simple protocol takes several).
         begin = "BEGIN;" + "".join(f"SELECT pg_advisory_xact_lock_shared({_lock_key(p)});" for p in projects)
+        begun = False
         try:
             await driver.execute(begin)
-        except Exception:
-            if not driver.is_closed():
-                raise
-            # Died while idle: nothing was sent; once more on a fresh one.
-            await self._discard()
-            if fresh:
-                raise
-            return await self.insert_touching(payload, touches, projects, now)
-        try:
+            begun = True
             rows = await driver.fetch(_PG_INSERT_TOUCHING, payload, touches, now)
             await driver.execute("COMMIT")
-        except BaseException:
-            await self._abandon()
+        except BaseException as exc:
+            died_idle = not begun and isinstance(exc, Exception) and driver.is_closed()
+            await self._abandon(exc)
+            if died_idle and not fresh:
+                # Died while idle (say, across a server restart): nothing was
+                # written; once more on a fresh one.
+                return await self.insert_touching(payload, touches, projects, now)
             raise
         return {(p, s, i) for p, s, i in rows if i is not None}
 
-    async def _abandon(self) -> None:
-        """After a failure inside the transaction: rolled back, or, if that
-        cannot be done, the connection dropped (never reused half-way)."""
-        if not self._driver.is_closed():
+    async def _ready(self) -> bool:
+        """Check a connection out when the lane has none (True: just now).
+        One left inside a transaction, which nothing should leave, is
+        dropped rather than have the next group's statements join it."""
+        if self._driver is not None and self._driver.is_in_transaction():
+            log.error("the events connection was left inside a transaction; dropped")
+            await self._discard()
+        if self._driver is None:
+            await self._checkout()
+            return True
+        return False
+
+    async def _abandon(self, exc: BaseException) -> None:
+        """After a failure with the transaction begun, or perhaps begun (a
+        failed BEGIN may have opened it, a cancelled lock wait may yet be
+        granted): rolled back, so the connection is clean for the next
+        group; dropped when it cannot be (closed, cancelled, or the
+        rollback fails)."""
+        driver = self._driver
+        if isinstance(exc, Exception) and not driver.is_closed():
             try:
-                await self._driver.execute("ROLLBACK")
+                await driver.execute("ROLLBACK")
                 return
             except Exception:
                 pass
@@ -748,7 +783,10 @@ class _Transaction:
         SQLAlchemy to compile per row (this is the hot path).
         """
         stored: set[tuple[str, str, str]] = set()
-        if self.backend is Backend.POSTGRESQL:
+        if self.backend is Backend.POSTGRESQL and self._straight():
+            rows = await self.driver.fetch(_PG_INSERT, json_text(events))
+            stored.update((p, s, i) for p, s, i in rows if i is not None)
+        elif self.backend is Backend.POSTGRESQL:
             # json_text also turns U+0000 into U+FFFD in every string at once.
             result = await self.conn.exec_driver_sql(_PG_INSERT, (json_text(events),))
             stored.update((p, s, i) for p, s, i in result.all() if i is not None)

@@ -407,3 +407,159 @@ async def test_postgres_touches_racing_alias_merges_never_leave_a_profile_behind
     await engine.dispose()
     assert [r.aliases for r in results[1::3]] == [["linked"]] * 150
     assert set(rows) == {f"user-{i}" for i in range(150)}
+
+
+class _ProfileLock:
+    """Another session holding a project's profile lock (exclusive), as the
+    ordered lane of another gateway does during a merge."""
+
+    def __init__(self, backend: dict[str, str]) -> None:
+        self.dsn = backend["storage_url"].replace("postgresql+asyncpg://", "postgresql://")
+
+    async def __aenter__(self):
+        import asyncpg
+
+        from storage.writer import _lock_key
+
+        self.conn = await asyncpg.connect(self.dsn)
+        self.tx = self.conn.transaction()
+        await self.tx.start()
+        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("shop"))
+        return self
+
+    async def waiters(self, wanted: int) -> list[int]:
+        """The pids waiting for an advisory lock, once there are `wanted`."""
+        for _ in range(200):
+            # Inside its transaction the view is a snapshot, unless cleared.
+            await self.conn.execute("SELECT pg_stat_clear_snapshot()")
+            pids = await self.conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory' AND pid <> pg_backend_pid() "
+                "ORDER BY backend_start")
+            if len(pids) >= wanted:
+                return [r[0] for r in pids]
+            await asyncio.sleep(0.02)
+        raise AssertionError("nobody waits for the lock")
+
+    async def release(self) -> None:
+        await self.tx.commit()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.tx._managed and self.conn.is_in_transaction():
+            await self.tx.rollback()
+        await self.conn.close()
+
+
+async def test_postgres_a_touch_whose_lock_wait_is_cancelled_fails_alone_and_the_lane_goes_on(
+        postgres_backend, caplog) -> None:
+    """The server cancels a touch group while it waits for the profile lock
+    (a lock or statement timeout, an operator): that request is told to
+    retry (nothing of it stays), and the lane's connection is left clean
+    for the next groups, of events alone or with touches."""
+    from storage.writer import StorageUnavailable
+
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=now_ms, lanes=2)
+    writer.start()
+    try:
+        async with _ProfileLock(postgres_backend) as lock:
+            waiting = asyncio.create_task(writer.submit([_touch("ann"), _event(1)]))
+            [pid] = await lock.waiters(1)
+            assert await lock.conn.fetchval("SELECT pg_cancel_backend($1)", pid)
+            with pytest.raises(StorageUnavailable):
+                await waiting
+            await lock.release()
+        after = [await writer.submit([_event(2)]), await writer.submit([_touch("bob"), _event(3)]),
+                 await writer.submit([_event(4)])]
+    finally:
+        await writer.close()
+    rows = await _profile_rows(engine)
+    events, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=10, after=None)
+    await engine.dispose()
+    assert [r.inserted for r in after] == [1, 1, 1]
+    # Rolled back at once, not found inside a transaction by the next group.
+    assert not [r for r in caplog.records if "left inside a transaction" in r.getMessage()]
+    assert sorted(r["properties"]["n"] for r in events) == [2, 3, 4]
+    assert set(rows) == {"bob"}
+
+
+async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction_behind(postgres_backend) -> None:
+    """Cancelled on our side while it waits (the lock may still be granted
+    to the backend afterwards): the connection is dropped, so no session is
+    left holding the lock, and the next group gets a fresh one."""
+    from storage.writer import PgEvents, _lock_key
+
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    events = PgEvents(engine)
+    try:
+        async with _ProfileLock(postgres_backend) as lock:
+            waiting = asyncio.create_task(events.insert_touching("[]", '[{"project":"shop","id":"ann"}]',
+                                                                 ["shop"], 1))
+            await lock.waiters(1)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await lock.release()
+            # Nobody else holds or waits for it: an exclusive take succeeds at once.
+            assert await lock.conn.fetchval("SELECT pg_try_advisory_lock($1)", _lock_key("shop"))
+            await lock.conn.execute("SELECT pg_advisory_unlock($1)", _lock_key("shop"))
+            await lock.conn.execute("SELECT pg_stat_clear_snapshot()")
+            idle_in_tx = await lock.conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' "
+                "AND datname = current_database() AND pid <> pg_backend_pid()")
+        stored = await events.insert(msgspec.json.encode([_event(5)]).decode())
+    finally:
+        await events.close()
+    await engine.dispose()
+    assert idle_in_tx == 0
+    assert stored == {("shop", "cohorly", "id-5")}
+
+
+async def test_postgres_a_touch_and_a_profile_update_naming_one_insert_id_both_commit(
+        postgres_backend, caplog) -> None:
+    """The ordered lane takes the profile lock before it inserts its events:
+    a touch group holding the lock shared and waiting for an insert id the
+    ordered lane holds (which waits for the lock) would be a deadlock, one
+    of the two rolled back by the server (and tried again)."""
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=now_ms, lanes=2)
+    writer.start()
+    try:
+        async with _ProfileLock(postgres_backend) as lock:
+            touching = asyncio.create_task(writer.submit([_touch("v"), _event(7)]))
+            await lock.waiters(1)
+            updating = asyncio.create_task(writer.submit(
+                [_event(7), ProfileUpdate(project="shop", source="t", distinct_id="u", time=1, set={"a": 1})]))
+            await lock.waiters(2)
+            await lock.release()
+        results = await asyncio.gather(touching, updating)
+    finally:
+        await writer.close()
+    rows = await _profile_rows(engine)
+    events, _ = await queries.events(engine, "shop", distinct_id=None, name=None, source=None, limit=10, after=None)
+    await engine.dispose()
+    assert sorted((r.inserted, r.duplicates) for r in results) == [(0, 1), (1, 0)]
+    assert not [r for r in caplog.records if "rolled the group back" in r.getMessage()]
+    assert [r["properties"]["n"] for r in events] == [7]
+    assert set(rows) == {"u", "v"}
+
+
+async def test_postgres_a_profile_write_stamped_earlier_keeps_the_later_updated_at(postgres_backend) -> None:
+    # A transaction reads its clock before it waits for the profile lock, so
+    # it may commit after one stamped later: updated_at must not go back.
+    clock = iter([5_000, 3_000, 2_000])
+    engine = create_engine(postgres_backend["storage_url"])
+    await upgrade(engine)
+    writer = Writer(engine, clock=lambda: next(clock), lanes=2)
+    writer.start()
+    try:
+        await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="ann", time=1, set={"a": 1})])
+        await writer.submit([_touch("ann"), _event(1)])  # the event lanes' statement
+        await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="ann", time=1, set={"b": 2})])
+    finally:
+        await writer.close()
+    rows = await _profile_rows(engine)
+    await engine.dispose()
+    assert rows["ann"] == ({"a": 1, "b": 2}, 5_000, 5_000)
