@@ -27,10 +27,10 @@ def _event(n: int, **overrides: object) -> Event:
     return Event(**fields)
 
 
-async def _writer(backend: dict[str, str], delay_ms: float = 0.0):
+async def _writer(backend: dict[str, str], delay_ms: float = 0.0, *, lanes: int = 1, clock=now_ms):
     engine = create_engine(backend["storage_url"])
     await upgrade(engine)
-    writer = Writer(engine, clock=now_ms, delay_ms=delay_ms)
+    writer = Writer(engine, clock=clock, delay_ms=delay_ms, lanes=lanes)
     writer.start()
     return engine, writer
 
@@ -332,10 +332,7 @@ async def test_events_touching_their_profiles_resolve_ids_and_change_nothing_but
     properties and created_at and gets a new updated_at, and an id that is
     an alias touches its person's profile, never a row of its own."""
     clock = iter(range(1_000, 10_000, 1_000))
-    engine = create_engine(backend["storage_url"])
-    await upgrade(engine)
-    writer = Writer(engine, clock=lambda: next(clock), lanes=3)
-    writer.start()
+    engine, writer = await _writer(backend, lanes=3, clock=lambda: next(clock))
     try:
         await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="user", time=1,
                                            set={"plan": "pro"})])  # at 1000
@@ -359,10 +356,7 @@ async def test_events_touching_their_profiles_resolve_ids_and_change_nothing_but
 async def test_postgres_events_touching_profiles_take_the_event_lanes(postgres_backend) -> None:
     """Requests of events and touches go to the event lanes, several
     transactions at once (their profile locks shared), and all commit."""
-    engine = create_engine(postgres_backend["storage_url"])
-    await upgrade(engine)
-    writer = Writer(engine, clock=now_ms, lanes=3)
-    writer.start()
+    engine, writer = await _writer(postgres_backend, lanes=3)
     try:
         requests = [
             asyncio.create_task(writer.submit(
@@ -457,10 +451,7 @@ async def test_postgres_a_touch_whose_lock_wait_is_cancelled_fails_alone_and_the
     for the next groups, of events alone or with touches."""
     from storage.writer import StorageUnavailable
 
-    engine = create_engine(postgres_backend["storage_url"])
-    await upgrade(engine)
-    writer = Writer(engine, clock=now_ms, lanes=2)
-    writer.start()
+    engine, writer = await _writer(postgres_backend, lanes=2)
     try:
         async with _ProfileLock(postgres_backend) as lock:
             waiting = asyncio.create_task(writer.submit([_touch("ann"), _event(1)]))
@@ -522,10 +513,7 @@ async def test_postgres_a_touch_and_a_profile_update_naming_one_insert_id_both_c
     a touch group holding the lock shared and waiting for an insert id the
     ordered lane holds (which waits for the lock) would be a deadlock, one
     of the two rolled back by the server (and tried again)."""
-    engine = create_engine(postgres_backend["storage_url"])
-    await upgrade(engine)
-    writer = Writer(engine, clock=now_ms, lanes=2)
-    writer.start()
+    engine, writer = await _writer(postgres_backend, lanes=2)
     try:
         async with _ProfileLock(postgres_backend) as lock:
             touching = asyncio.create_task(writer.submit([_touch("v"), _event(7)]))
@@ -550,10 +538,7 @@ async def test_postgres_a_profile_write_stamped_earlier_keeps_the_later_updated_
     # A transaction reads its clock before it waits for the profile lock, so
     # it may commit after one stamped later: updated_at must not go back.
     clock = iter([5_000, 3_000, 2_000])
-    engine = create_engine(postgres_backend["storage_url"])
-    await upgrade(engine)
-    writer = Writer(engine, clock=lambda: next(clock), lanes=2)
-    writer.start()
+    engine, writer = await _writer(postgres_backend, lanes=2, clock=lambda: next(clock))
     try:
         await writer.submit([ProfileUpdate(project="shop", source="t", distinct_id="ann", time=1, set={"a": 1})])
         await writer.submit([_touch("ann"), _event(1)])  # the event lanes' statement
