@@ -428,7 +428,7 @@ class _ProfileLock:
             await self.conn.execute("SELECT pg_stat_clear_snapshot()")
             pids = await self.conn.fetch(
                 "SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory' AND pid <> pg_backend_pid() "
-                "ORDER BY backend_start")
+                "AND datname = current_database() ORDER BY backend_start")
             if len(pids) >= wanted:
                 return [r[0] for r in pids]
             await asyncio.sleep(0.02)
