@@ -267,9 +267,23 @@ def project_options(settings: Settings, fields: tuple[str, ...]) -> dict[str, di
 
 
 def _mask_url(url: str) -> str:
+    """The URL with its password hidden, in the user info or as a query
+    parameter (`?password=`, which libpq, asyncpg and redis-py all take)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    prefix = ""
+    if "@" in rest:
+        # Everything up to the last "@" is taken for the user info: at worst
+        # more is hidden than needed, never a password shown.
+        userinfo, _, rest = rest.rpartition("@")
+        prefix = f"{userinfo.split(':', 1)[0]}:***@"
+    address, qsep, query = rest.partition("?")
+    if qsep:
+        query = "&".join(_mask_param(part) for part in query.split("&"))
+    return f"{scheme}://{prefix}{address}{qsep}{query}"
+
+
+def _mask_param(part: str) -> str:
+    name, eq, _ = part.partition("=")
+    return f"{name}=***" if eq and name.lower() in ("password", "passwd", "pass") else part

@@ -270,6 +270,21 @@ def test_secrets_are_masked_in_repr() -> None:
     assert "'shop'" in text
 
 
+def test_a_password_given_as_a_url_parameter_is_masked_too() -> None:
+    settings = from_dict(
+        {
+            "storage": {"url": "postgresql+asyncpg://db:5432/dialgate?user=gw&password=q-s3cr3t&ssl=require"},
+            "redis": {"url": "redis://cache:6379/0?Password=r-s3cr3t"},
+            "projects": [{"name": "shop", "cohorly_tokens": ["tok_x"]}],
+        },
+        {},
+    )
+    text = repr(settings)
+    assert "q-s3cr3t" not in text and "r-s3cr3t" not in text
+    assert "db:5432/dialgate?user=gw&password=***&ssl=require" in text
+    assert "cache:6379/0?Password=***" in text
+
+
 # -- reading files -------------------------------------------------------------
 
 
