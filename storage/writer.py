@@ -248,13 +248,12 @@ class Writer:
         try:
             results = await self._write(group, lane)
         except Exception as exc:
-            if not retried and (
-                (isinstance(exc, DBAPIError) and exc.connection_invalidated) or _sqlstate(exc).startswith("40")
-            ):
+            rolled_back = _sqlstate(exc).startswith("40")
+            if not retried and (rolled_back or (isinstance(exc, DBAPIError) and exc.connection_invalidated)):
                 # A pooled connection died while idle (say, the server
                 # restarted), or the transaction was chosen to break a
                 # deadlock: nothing was written; try once more.
-                if _sqlstate(exc):
+                if rolled_back:
                     log.warning("database rolled the group back (%s); once more", _short(exc))
                 await self._flush(group, lane, retried=True)
                 return

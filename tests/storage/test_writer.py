@@ -438,9 +438,7 @@ class _ProfileLock:
         await self.tx.commit()
 
     async def __aexit__(self, *exc: object) -> None:
-        if not self.tx._managed and self.conn.is_in_transaction():
-            await self.tx.rollback()
-        await self.conn.close()
+        await self.conn.close()  # a transaction still open ends with the session
 
 
 async def test_postgres_a_touch_whose_lock_wait_is_cancelled_fails_alone_and_the_lane_goes_on(
