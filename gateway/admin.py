@@ -1,8 +1,18 @@
-"""The admin read API, health and metrics."""
+"""The admin read API, health and metrics.
+
+Admin answers are JSON, errors included: a malformed query is a 400, a
+database that cannot answer now a 503 with `Retry-After`, anything else
+unexpected a 500 (its traceback logged at most once a minute per error
+type). Every `/admin/` request is logged with its path, status and peer,
+never its key (`AdminLog`).
+"""
 
 from __future__ import annotations
 
 import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import text
@@ -11,23 +21,68 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from storage import queries
+from storage.writer import is_unavailable
+
+log = logging.getLogger("dialgate")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+# Cursors are event and rejection ids: 64-bit integers.
+MAX_CURSOR = 2**63 - 1
+# Filters are ids, names, sources and reasons; ids are at most 1,024 bytes.
+MAX_FILTER_BYTES = 1024
+EVENT_PARAMS = frozenset({"distinct_id", "name", "source", "limit", "after"})
+REJECTION_PARAMS = frozenset({"project", "source", "reason", "limit", "after"})
+
+
+class BadQuery(Exception):
+    pass
 
 
 class Admin:
-    def __init__(self, keys: list[str], projects: set[str], state: Any) -> None:
+    def __init__(self, keys: list[str], projects: set[str], state: Any, *, retry_after: int = 5) -> None:
         self._keys = [k.encode() for k in keys]
         self._projects = projects
         self._state = state  # .engine, .redis, .metrics once started
+        self._retry_after = retry_after
+        self._logged: dict[str, float] = {}
 
     def routes(self) -> list[Route]:
+        """Every route: the admin API, /healthz, /readyz and /metrics."""
         return [
-            Route("/admin/v1/projects/{project}/events", self.events, methods=["GET"]),
-            Route("/admin/v1/projects/{project}/profiles/{id}", self.profile, methods=["GET"]),
-            Route("/admin/v1/rejections", self.rejections, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/admin/v1/projects/{project}/events", self._guard(self.events), methods=["GET"]),
+            # `path`: a profile id may contain "/".
+            Route("/admin/v1/projects/{project}/profiles/{id:path}", self._guard(self.profile), methods=["GET"]),
+            Route("/admin/v1/rejections", self._guard(self.rejections), methods=["GET"]),
+            self.health_route(),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ]
+
+    def health_route(self) -> Route:
+        return Route("/healthz", self.healthz, methods=["GET"])
+
+    def _guard(self, handler: Handler) -> Handler:
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except BadQuery as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            except Exception as exc:
+                if is_unavailable(exc):
+                    return JSONResponse({"error": "database unavailable"}, status_code=503,
+                                        headers={"Retry-After": str(self._retry_after)})
+                self._log_once(request, exc)
+                return JSONResponse({"error": "internal error"}, status_code=500)
+
+        return guarded
+
+    def _log_once(self, request: Request, exc: Exception) -> None:
+        kind = type(exc).__name__
+        now = time.monotonic()
+        if now - self._logged.get(kind, -60.0) >= 60.0:
+            self._logged[kind] = now
+            log.error("admin %s failed with %s", request.url.path, kind, exc_info=exc)
 
     def _authorized(self, request: Request) -> bool:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -49,14 +104,12 @@ class Admin:
         project = request.path_params["project"]
         if (refused := self._check(request, project)) is not None:
             return refused
-        q = request.query_params
-        paging = _paging(q.get("limit"), q.get("after"))
-        if isinstance(paging, Response):
-            return paging
+        q = _query(request, EVENT_PARAMS)
+        limit, after = _paging(q)
         items, next_ = await queries.events(
             self._state.engine, project,
             distinct_id=q.get("distinct_id"), name=q.get("name"), source=q.get("source"),
-            limit=paging[0], after=paging[1],
+            limit=limit, after=after,
         )
         return JSONResponse({"events": items, "next": next_})
 
@@ -64,22 +117,23 @@ class Admin:
         project = request.path_params["project"]
         if (refused := self._check(request, project)) is not None:
             return refused
-        found = await queries.profile(self._state.engine, project, request.path_params["id"])
+        id_ = request.path_params["id"]
+        if len(id_.encode("utf-8", "replace")) > MAX_FILTER_BYTES:
+            raise BadQuery(f"profile id longer than {MAX_FILTER_BYTES} bytes")
+        found = await queries.profile(self._state.engine, project, id_)
         if found is None:
             return JSONResponse({"error": "no such profile"}, status_code=404)
         return JSONResponse(found)
 
     async def rejections(self, request: Request) -> Response:
-        q = request.query_params
-        project = q.get("project")
+        project = request.query_params.get("project")
         if (refused := self._check(request, project)) is not None:
             return refused
-        paging = _paging(q.get("limit"), q.get("after"))
-        if isinstance(paging, Response):
-            return paging
+        q = _query(request, REJECTION_PARAMS)
+        limit, after = _paging(q)
         items, next_ = await queries.rejections(
             self._state.engine, project=project, source=q.get("source"), reason=q.get("reason"),
-            limit=paging[0], after=paging[1],
+            limit=limit, after=after,
         )
         return JSONResponse({"rejections": items, "next": next_})
 
@@ -106,12 +160,62 @@ class Admin:
         return PlainTextResponse(self._state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def _paging(limit: str | None, after: str | None) -> tuple[int, int | None] | Response:
-    try:
-        size = 100 if limit is None else int(limit)
-        cursor = None if after in (None, "") else int(after)
-    except ValueError:
-        return JSONResponse({"error": "limit and after must be integers"}, status_code=400)
+def _query(request: Request, allowed: frozenset[str]) -> dict[str, str]:
+    """The query's parameters, each known, given once and of a sane size;
+    a NUL reads as U+FFFD, as the writer stores it."""
+    found: dict[str, str] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in allowed:
+            raise BadQuery(f"unknown parameter {name[:64]!r}; expected one of {', '.join(sorted(allowed))}")
+        if name in found:
+            raise BadQuery(f"parameter {name!r} given more than once")
+        if len(value.encode("utf-8", "replace")) > MAX_FILTER_BYTES:
+            raise BadQuery(f"{name} longer than {MAX_FILTER_BYTES} bytes")
+        found[name] = value.replace("\x00", "\ufffd")
+    return found
+
+
+def _paging(q: dict[str, str]) -> tuple[int, int | None]:
+    limit, after = q.get("limit"), q.get("after")
+    size = 100 if limit is None else _integer("limit", limit, 1000)
     if not 1 <= size <= 1000:
-        return JSONResponse({"error": "limit must be between 1 and 1000"}, status_code=400)
+        raise BadQuery("limit must be between 1 and 1000")
+    cursor = None if after in (None, "") else _integer("after", after, MAX_CURSOR)
     return size, cursor
+
+
+def _integer(name: str, value: str, largest: int) -> int:
+    # ASCII digits only (int() would take "+1", " 1", "1_0" and other scripts' digits).
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > largest:
+        raise BadQuery(f"{name} must be an integer from 0 to {largest}" if name == "after"
+                       else "limit must be between 1 and 1000")
+    return int(value)
+
+
+class AdminLog:
+    """Logs every `/admin/` request of the wrapped app: method, path, status
+    and peer (the connection's address), never a header or the query."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/admin/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_noting(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting)
+        finally:
+            client = scope.get("client")
+            # Escaped: a decoded path may hold newlines or control characters.
+            path = scope["path"][:512].encode("unicode_escape").decode("ascii")
+            log.info("admin method=%s path=%s status=%d peer=%s", scope["method"], path, status,
+                     client[0] if client else "-")

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from dialects import REGISTRY
-from gateway.admin import Admin
+from gateway.admin import Admin, AdminLog
 from gateway.config import Settings, credentials_for, project_options
 from gateway.dedup import Dedup
 from gateway.http import ClientAddress
@@ -62,8 +62,19 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         for endpoint in dialect.endpoints():
             methods = frozenset((*endpoint.methods, "OPTIONS"))
             ingestion[endpoint.path] = (methods, Ingest(dialect, endpoint, services))
-    admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state)
+    admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state,
+                  retry_after=settings.storage.unavailable_retry_after)
+    # With admin.bind the admin API, /readyz and /metrics are served by an
+    # app of their own (on its own listener, see gateway.cli); the public
+    # app keeps /healthz only (a load balancer's health check learns nothing
+    # from it) and answers 404 for the rest.
+    admin_app: Any = None
     routes: list[Route] = admin.routes()
+    if settings.admin.bind:
+        admin_app = Starlette(routes=routes)
+        admin_app.router.redirect_slashes = False
+        admin_app = AdminLog(admin_app)
+        routes = [admin.health_route()]
     should_migrate = settings.storage.migrate_on_start if migrate is None else migrate
 
     @contextlib.asynccontextmanager
@@ -104,7 +115,9 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
     app.state.dialgate = state
-    return Dispatch(ingestion, app)
+    dispatch = Dispatch(ingestion, app if admin_app is not None else AdminLog(app))
+    dispatch.admin = Dispatch({}, admin_app) if admin_app is not None else None
+    return dispatch
 
 
 class Dispatch:
@@ -115,6 +128,9 @@ class Dispatch:
     def __init__(self, routes: dict[str, tuple[frozenset[str], Any]], fallback: Any) -> None:
         self.routes = routes
         self.fallback = fallback
+        # The app of the admin listener (admin.bind), started by this one's
+        # lifespan; None when this app serves the admin API itself.
+        self.admin: Dispatch | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -9,6 +9,7 @@ string that the typed decode converts (`"8"` to 8 for an int field).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -36,10 +37,18 @@ class ServerConfig(_Base):
     workers: int = 1
     # CIDRs whose X-Forwarded-For header is believed.
     trusted_proxies: list[str] = []
-    # Seconds a client may take to send its request (slow clients are cut off).
+    # Seconds a client may take to send its request headers, and then its
+    # body (slow clients are cut off); also the longest silence on a connection.
     read_timeout: int = 30
     # Seconds in-flight requests get to finish on shutdown.
     graceful_timeout: int = 10
+    # Open connections per listener and worker; past it new connections wait
+    # in the kernel's listen backlog until one closes.
+    max_connections: int = 1000
+    # Cleartext HTTP/2 (prior knowledge or `Upgrade: h2c`). Off: no SDK needs
+    # it, and one HTTP/2 connection multiplexes many requests past the
+    # per-connection limits.
+    h2c: bool = False
 
 
 class StorageConfig(_Base):
@@ -75,6 +84,9 @@ class RedisConfig(_Base):
 
 class AdminConfig(_Base):
     keys: list[str] = []
+    # HOST:PORT of a listener of its own for the admin API, /metrics and
+    # /readyz (then 404 on the public one); empty: the public listener.
+    bind: str = ""
 
     def __repr__(self) -> str:
         return f"AdminConfig(keys=<{len(self.keys)} masked>)"
@@ -238,17 +250,79 @@ def _check(settings: Settings) -> None:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise ConfigError(f"server.trusted_proxies[{index}]: not a CIDR: {cidr!r}") from None
-    if settings.server.workers < 1:
-        raise ConfigError("server.workers: must be at least 1")
-    host, sep, port = settings.server.bind.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"server.bind: expected HOST:PORT, got {settings.server.bind!r}")
+    _check_numbers(settings, "")
+    public = _address("server.bind", settings.server.bind)
     if any(not key for key in settings.admin.keys):
         raise ConfigError("admin.keys: empty key")
-    if settings.storage.writer_lanes < 1:
-        raise ConfigError("storage.writer_lanes: must be at least 1")
-    if settings.storage.batch_max_rows < 1:
-        raise ConfigError("storage.batch_max_rows: must be at least 1")
+    admin = public
+    if settings.admin.bind:
+        admin = _address("admin.bind", settings.admin.bind)
+        if admin[1] == public[1]:
+            raise ConfigError("admin.bind: must use another port than server.bind")
+    if EXAMPLE_ADMIN_KEY in settings.admin.keys and not _loopback(admin[0]):
+        where = settings.admin.bind or settings.server.bind
+        raise ConfigError(
+            f"admin.keys: the example key {EXAMPLE_ADMIN_KEY!r} must not be used while the admin API "
+            f"listens on {where}, a non-loopback address; put a key of your own in admin.keys"
+        )
+    _check_url("storage.url", settings.storage.url, STORAGE_SCHEMES)
+    if settings.redis.url:
+        _check_url("redis.url", settings.redis.url, REDIS_SCHEMES)
+
+
+# The admin key config.example.toml ships with.
+EXAMPLE_ADMIN_KEY = "adm_change_me"
+# What storage.engine and redis-py open (a URL they would refuse is refused here).
+STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# Numbers for which 0 means something (every other number must be above 0).
+ZERO_ALLOWED = frozenset({"storage.batch_delay_ms"})
+
+
+def _check_numbers(node: msgspec.Struct, path: str) -> None:
+    """Every number of every section is finite and above 0 (0 where
+    ZERO_ALLOWED): a zero or negative timeout, limit, size or count is a
+    mistake `serve` would run into later. Project tables hold identifiers
+    (collect site ids), not limits, and check their own."""
+    for name in node.__struct_fields__:
+        value = getattr(node, name)
+        key = f"{path}.{name}" if path else name
+        if key == "projects" or isinstance(value, bool):
+            continue
+        if isinstance(value, msgspec.Struct):
+            _check_numbers(value, key)
+        elif isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: must be a finite number")
+            if value < 0 or (value == 0 and key not in ZERO_ALLOWED):
+                raise ConfigError(f"{key}: must be {'0 or more' if key in ZERO_ALLOWED else 'greater than 0'}")
+
+
+def _address(key: str, bind: str) -> tuple[str, int]:
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: expected HOST:PORT (port 1-65535), got {bind!r}")
+    return host.strip("[]"), int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or all addresses): assume it is reachable
+
+
+def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        raise ConfigError(f"{key}: unsupported URL {_mask_url(url)!r}: use {' or '.join(s + '://' for s in schemes)}")
+    address = rest.rpartition("@")[2].partition("/")[0].partition("?")[0]
+    if scheme != "unix" and address.rpartition("]")[2].count(":") == 1:
+        port = address.rpartition(":")[2]
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{key}: invalid port in {_mask_url(url)!r}")
 
 
 def credentials_for(settings: Settings, field: str) -> dict[Any, str]:

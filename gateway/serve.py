@@ -1,5 +1,4 @@
-"""Running an ASGI app under hypercorn: one process, or a supervisor of
-worker processes.
+"""Running an ASGI app: one process, or a supervisor of worker processes.
 
 Every worker opens its own listening socket on the same address with
 SO_REUSEPORT, so the kernel spreads new connections evenly over the workers
@@ -7,6 +6,12 @@ SO_REUSEPORT, so the kernel spreads new connections evenly over the workers
 them). Each worker is the single-process server, drain included (see
 `gateway.http.Drain`), so SIGTERM behaves the same with one worker or many:
 the supervisor passes it on and waits for every worker to finish.
+
+Workers never outlive the supervisor: each asks the kernel for SIGTERM when
+its parent dies (Linux `PR_SET_PDEATHSIG`) and also checks its parent every
+second (anywhere), then drains and exits as on SIGTERM. SIGHUP is ignored by
+the supervisor and the workers alike (one log line says so): reloading is
+not supported yet, a restart applies configuration changes.
 
     python -m gateway.serve MODULE:APP --bind HOST:PORT [--workers N]
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import gc
 import importlib
 import logging
@@ -31,51 +37,49 @@ from collections.abc import Sequence
 from typing import Any
 
 from gateway import logs
+from gateway.server import Limits, Listener, serve
 
 log = logging.getLogger("dialgate")
 
 # After SIGTERM, how long a worker must see no request before it stops.
 DRAIN_QUIET = 0.2
+# How often a worker checks that its supervisor is still there.
+PARENT_CHECK_SECONDS = 1.0
+HANGUP_LINE = ("SIGHUP ignored: reloading is not supported yet; restart the gateway (SIGTERM, then start it "
+               "again) to apply configuration changes")
 
 
 class CannotListen(Exception):
     pass
 
 
-def hypercorn_config(bind: str, *, graceful_timeout: float, read_timeout: float, reuse_port: bool) -> Any:
+def hypercorn_config(*, graceful_timeout: float) -> Any:
     from hypercorn.config import Config
 
     config = Config()
-    # Bound here, before the app starts, so a taken port fails at once.
-    config.bind = [_bound_fd(bind, reuse_port)]
     # Hypercorn's share of the graceful timeout; the drain takes the rest.
     config.graceful_timeout = graceful_timeout / 2
-    # Slow clients trickling a body are cut off after read_timeout seconds.
-    config.read_timeout = read_timeout
     config.keep_alive_timeout = 75
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 
 
-def _bound_fd(bind: str, reuse_port: bool) -> str:
-    """A socket of this process's own bound to `bind`, as hypercorn's `fd://`
-    binding (hypercorn would bind a single worker's socket without
-    SO_REUSEPORT, and only after the app's startup). Raises CannotListen."""
+def bind_socket(bind: str, reuse_port: bool) -> socket.socket:
+    """A socket bound to `bind`, not yet listening: bound here, before the
+    app starts, so a taken port fails at once. Raises CannotListen."""
     host, _, port = bind.replace("[", "").replace("]", "").rpartition(":")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host or "0.0.0.0", int(port)))
     except OSError as exc:
         sock.close()
         raise CannotListen(f"cannot listen on {bind}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
-    return f"fd://{sock.detach()}"
+    return sock
 
 
 def tune_gc() -> None:
@@ -93,10 +97,28 @@ def tune_gc() -> None:
     gc.freeze()
 
 
-def run_one(app: Any, config: Any, *, graceful_timeout: float, banner: str = "") -> int:
-    """Serve `app` in this process until SIGTERM or SIGINT, draining first."""
-    from hypercorn.asyncio import serve
+def ignore_hangup() -> None:
+    """SIGHUP does nothing (inherited by the workers started after this)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
+
+def die_with_parent() -> bool:
+    """Ask the kernel for SIGTERM when the parent process dies (Linux only;
+    elsewhere the parent check of `run_one` alone notices)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return int(libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits, *, graceful_timeout: float,
+            banner: str = "", parent: int | None = None) -> int:
+    """Serve in this process until SIGTERM or SIGINT (or, for a worker, the
+    death of its `parent`), draining first."""
     from gateway.http import Drain
 
     drain = Drain(app)
@@ -107,30 +129,50 @@ def run_one(app: Any, config: Any, *, graceful_timeout: float, banner: str = "")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, signalled.set)
+        if parent is None:
+            loop.add_signal_handler(signal.SIGHUP, log.warning, HANGUP_LINE)
+        else:
+            # A worker: its supervisor says it once for all.
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
+            loop.create_task(_watch_parent(parent, signalled))
         if banner:
             log.info("%s", banner)
 
         async def shutdown_trigger() -> None:
             # Drain first: keep serving (answers now close their connection)
             # until nothing has been in flight for a moment, so requests sent
-            # just before the signal are answered; only then tell hypercorn,
-            # which closes the idle connections and waits for the rest.
+            # just before the signal are answered; only then stop accepting,
+            # close the idle connections and wait for the rest.
             await signalled.wait()
             drain.begin()
             await drain.idle(quiet=DRAIN_QUIET, timeout=graceful_timeout / 2)
 
-        await serve(drain, config, shutdown_trigger=shutdown_trigger)
+        # The drain sees the requests of `app`'s listener (ingestion); an
+        # admin listener's apps are served as they are.
+        served = [Listener(item.sock, drain if item.app is app else item.app, item.name) for item in listeners]
+        await serve(drain, served, config, limits, shutdown_trigger)
 
     asyncio.run(main())
     return 0
 
 
+async def _watch_parent(parent: int, signalled: asyncio.Event) -> None:
+    while not signalled.is_set():
+        if os.getppid() != parent:
+            log.warning("worker %d: the supervisor (pid %d) is gone; stopping", os.getpid(), parent)
+            signalled.set()
+            return
+        await asyncio.sleep(PARENT_CHECK_SECONDS)
+
+
 def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> int:
-    """Run `workers` copies of the command `argv` (each a `--worker`), pass
-    SIGTERM and SIGINT on, and wait for all. If one exits on its own, the
-    others are stopped too and the exit code is 1 (the service manager
-    restarts the whole gateway)."""
+    """Run `workers` copies of the command `argv` (each a worker, told this
+    process's pid with `--parent`), pass SIGTERM and SIGINT on, and wait for
+    all. If one exits on its own, the others are stopped too and the exit
+    code is 1 (the service manager restarts the whole gateway). SIGHUP is
+    ignored, here and in the workers."""
     stopping = False
+    hangups = 0
     children: list[subprocess.Popen[bytes]] = []
 
     def stop(*_: Any) -> None:
@@ -140,12 +182,23 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def hangup(*_: Any) -> None:
+        nonlocal hangups
+        hangups += 1
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Ignored while the workers start, so they are born ignoring it too.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         for _ in range(workers):
-            children.append(subprocess.Popen(list(argv)))
+            children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())]))
+        signal.signal(signal.SIGHUP, hangup)
         failed = False
+        logged = 0
         while not stopping:
+            if hangups != logged:
+                logged = hangups
+                log.warning("%s", HANGUP_LINE)
             for child in children:
                 if child.poll() is not None:
                     log.error("worker %d exited with %s; stopping the others", child.pid, child.returncode)
@@ -182,20 +235,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bind", default="127.0.0.1:8000")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--graceful-timeout", type=float, default=10.0)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    ignore_hangup()
+    if args.parent is not None:
+        die_with_parent()
     logs.configure()
-    if args.workers > 1 and not args.worker:
+    if args.workers > 1 and args.parent is None:
         child = [sys.executable, "-m", "gateway.serve", args.app, "--bind", args.bind,
-                 "--graceful-timeout", str(args.graceful_timeout), "--worker"]
+                 "--graceful-timeout", str(args.graceful_timeout)]
         return supervise(child, args.workers, graceful_timeout=args.graceful_timeout)
     try:
-        config = hypercorn_config(args.bind, graceful_timeout=args.graceful_timeout, read_timeout=30,
-                                  reuse_port=args.worker)
+        sock = bind_socket(args.bind, reuse_port=args.parent is not None)
     except CannotListen as exc:
         print(f"gateway.serve: {exc}", file=sys.stderr)
         return 2
-    return run_one(_import(args.app), config, graceful_timeout=args.graceful_timeout,
+    app = _import(args.app)
+    return run_one(app, [Listener(sock, app, "public")], hypercorn_config(graceful_timeout=args.graceful_timeout),
+                   Limits(read_timeout=30, max_connections=1000, h2c=False),
+                   graceful_timeout=args.graceful_timeout, parent=args.parent,
                    banner=f"serving {args.app} on http://{args.bind} (pid {os.getpid()})")
 
 
