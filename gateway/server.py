@@ -228,6 +228,8 @@ class Connection:
                 await self.write(_GOAWAY_HTTP_1_1_REQUIRED)
                 break
         await self.protocol.handle(Closed())
+        # Closed now, not when the idle timer would have run out.
+        await self.close()
 
     async def on_event(self, event: Event) -> None:
         if isinstance(event, RawData):

@@ -1,0 +1,212 @@
+"""The server's connection limits, through raw sockets against the gateway's
+own server (`gateway.server`) on a loopback port: request headers must be
+complete within `server.read_timeout`, at most `server.max_connections` are
+served at once per listener, and cleartext HTTP/2 only when `server.h2c` is on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from gateway import serve
+from gateway.app import build_app
+from gateway.config import Settings
+from gateway.server import Limits, Listener
+from tests.support import free_port, settings_for
+
+
+@contextlib.contextmanager
+def own_server(settings: Settings) -> Iterator[dict[str, str]]:
+    """The app on `gateway.server` (as `dialgate serve` runs it), in a thread;
+    yields {"public": url} and, with admin.bind, {"admin": url}."""
+    app = build_app(settings)
+    listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=False), app, "public")]
+    urls = {"public": f"http://{settings.server.bind}"}
+    if settings.admin.bind:
+        listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=False), app.admin, "admin"))
+        urls["admin"] = f"http://{settings.admin.bind}"
+    server = settings.server
+    limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    config = serve.hypercorn_config(graceful_timeout=4)
+    thread = threading.Thread(
+        target=lambda: loop.run_until_complete(serve.serve(app, listeners, config, limits, stop.wait)),
+        daemon=True,
+    )
+    thread.start()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(urls["public"] + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield urls
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=15)
+        loop.close()
+
+
+def _settings(sqlite_backend: dict[str, str], **server: Any) -> Settings:
+    return settings_for(sqlite_backend, server={"bind": f"127.0.0.1:{free_port()}", **server})
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed `sock` (None if it did not in time);
+    whatever it sent first is read and dropped."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - started < seconds:
+        try:
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return time.monotonic() - started
+    return None
+
+
+def _answer(sock: socket.socket, seconds: float) -> bytes:
+    """One whole response (headers and a Content-Length body), or what came in time."""
+    sock.settimeout(seconds)
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            head, sep, body = data.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:")]
+                if len(body) >= (length[0] if length else 0):
+                    break
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def test_headers_trickled_byte_by_byte_are_cut_off_at_read_timeout(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend, read_timeout=2)) as urls:
+        loris = _connect(urls["public"])
+        loris.sendall(b"POST /track HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        # A header byte every 0.5 s: every single read is prompt, the headers never end.
+        cut = None
+        loris.settimeout(0.5)
+        while time.monotonic() - started < 12:
+            try:
+                loris.sendall(b"X")
+                if loris.recv(65536) == b"":
+                    cut = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                cut = time.monotonic() - started
+                break
+        loris.close()
+        assert cut is not None, "the slow headers were never cut off"
+        assert 1.5 <= cut < 6, cut
+        # A prompt client is served meanwhile and after.
+        assert httpx.get(urls["public"] + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_connection_sending_nothing_is_closed_at_read_timeout(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend, read_timeout=2)) as urls:
+        silent = _connect(urls["public"])
+        closed = _closed_within(silent, 10)
+        silent.close()
+        assert closed is not None and 1.5 <= closed < 6, closed
+
+
+def test_the_next_request_on_a_kept_alive_connection_has_its_own_header_deadline(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend, read_timeout=2)) as urls:
+        sock = _connect(urls["public"])
+        for _ in range(3):  # requests 1.5 s apart: each is prompt, the connection lives on
+            sock.sendall(GET_HEALTHZ)
+            assert _answer(sock, 5).startswith(b"HTTP/1.1 200"), "a prompt request was not answered"
+            time.sleep(1.5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # then headers that never end
+        started = time.monotonic()
+        sock.settimeout(0.5)
+        cut = None
+        while time.monotonic() - started < 12:
+            try:
+                sock.sendall(b"X")
+                if sock.recv(65536) == b"":
+                    cut = time.monotonic() - started
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                cut = time.monotonic() - started
+                break
+        sock.close()
+        assert cut is not None and cut < 6, cut
+
+
+def test_past_max_connections_a_new_connection_waits_for_a_free_slot(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend, read_timeout=20, max_connections=2)) as urls:
+        time.sleep(0.5)  # the start-up probe's connection is closed by now
+        held = [_connect(urls["public"]) for _ in range(2)]
+        for sock in held:  # both served (a request answered on each), then idle
+            sock.sendall(GET_HEALTHZ)
+            assert _answer(sock, 5).startswith(b"HTTP/1.1 200")
+        waiting = _connect(urls["public"])  # the kernel completes the handshake: it sits in the backlog
+        waiting.sendall(GET_HEALTHZ)
+        assert _answer(waiting, 1.5) == b"", "a third connection was served past max_connections = 2"
+        held[0].close()
+        started = time.monotonic()
+        answer = _answer(waiting, 10)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert time.monotonic() - started < 5
+        for sock in (held[1], waiting):
+            sock.close()
+
+
+def test_h2c_off_ignores_the_upgrade_and_refuses_the_http2_preface(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend)) as urls:
+        sock = _connect(urls["public"])
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        answer = _answer(sock, 5)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        sock.close()
+        prior = _connect(urls["public"])
+        prior.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+        prior.settimeout(5)
+        frame = prior.recv(65536)
+        # GOAWAY (type 7) on stream 0 with error code HTTP_1_1_REQUIRED (0xd), then the close.
+        assert frame[3] == 7 and frame[-4:] == b"\x00\x00\x00\x0d", frame
+        assert _closed_within(prior, 5) is not None
+        prior.close()
+
+
+def test_h2c_on_switches_protocols(sqlite_backend) -> None:
+    with own_server(_settings(sqlite_backend, h2c=True)) as urls:
+        sock = _connect(urls["public"])
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        assert _answer(sock, 5).startswith(b"HTTP/1.1 101"), "h2c on: the upgrade was not taken"
+        sock.close()
