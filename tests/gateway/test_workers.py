@@ -181,3 +181,58 @@ def test_a_taken_port_fails_at_once_with_a_clear_message(tmp_path: Path) -> None
     assert result.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _port_free(port: int) -> bool:
+    return not _tcp_sockets(port, "0A")
+
+
+def test_workers_stop_and_free_the_port_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    process, base = _start(tmp_path, 2)
+    port = int(base.rsplit(":", 1)[1])
+    workers = _children(process.pid)
+    try:
+        assert _track(base, 1).status_code == 200
+        process.kill()  # SIGKILL: the supervisor cannot pass anything on
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) or not _port_free(port):
+            assert time.monotonic() < deadline, (
+                f"orphaned workers still alive: {[pid for pid in workers if _alive(pid)]}, "
+                f"port listening: {not _port_free(port)}")
+            time.sleep(0.1)
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    # They drained (a clean stop), and the port can be bound again at once.
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
+    with sqlite3.connect(tmp_path / "workers.db") as db:
+        assert db.execute("SELECT count(*) FROM events").fetchone() == (1,)
+
+
+def test_sighup_changes_nothing_and_sigterm_still_stops_everything(tmp_path: Path) -> None:
+    process, base = _start(tmp_path, 2)
+    workers = sorted(_children(process.pid))
+    try:
+        # To the supervisor, and to the whole group as a closed terminal would.
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        for pid in workers:
+            os.kill(pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None
+        assert sorted(_children(process.pid)) == workers
+        assert all(_alive(pid) for pid in workers)
+        replies = [_track(base, n) for n in range(10)]
+        assert [r.status_code for r in replies] == [200] * 10
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (tmp_path / "err.log").read_text()
+    assert err.count("SIGHUP ignored: reloading is not supported yet") == 1, err
+    assert "Traceback" not in err, err
