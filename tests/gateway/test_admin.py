@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+
+import httpx
 import pytest
 
-from tests.support import ADMIN, gateway, settings_for
+from gateway.app import build_app
+from tests.support import ADMIN, ADMIN_KEY, free_port, gateway, lifespan, settings_for
 
 pytestmark = pytest.mark.anyio
 TOKEN = {"X-Cohorly-Token": "tok_shop"}
@@ -103,3 +108,97 @@ async def test_health_readiness_and_metrics(backend) -> None:
         assert 'dialgate_events_deduplicated_total{dialect="cohorly",project="shop"} 2' in text
         assert 'dialgate_rejections_total{dialect="cohorly",reason="unauthorized"} 1' in text
         assert 'dialgate_request_duration_seconds_count{dialect="cohorly"} 2' in text
+
+
+# -- malformed queries, odd ids, faults ------------------------------------------
+
+
+@pytest.mark.parametrize("query", [
+    "after=" + "9" * 40, "after=9223372036854775808", "after=-1", "after=+1", "after=1_0", "after=%D9%A3",
+    "limit=" + "1" * 40, "limit= 5", "nmae=x", "name=a&name=b", "name=" + "x" * 1025,
+])
+async def test_a_malformed_cursor_or_filter_is_a_json_400(backend, query) -> None:
+    async with gateway(settings_for(backend)) as client:
+        for path in ("/admin/v1/projects/shop/events", "/admin/v1/rejections"):
+            q = query.replace("name=", "reason=") if path.endswith("rejections") else query
+            reply = await client.get(f"{path}?{q}", headers=ADMIN)
+            assert reply.status_code == 400, (path, q, reply.text)
+            assert reply.json()["error"], reply.text
+
+
+async def test_the_largest_cursor_and_a_nul_filter_are_answered(backend) -> None:
+    async with gateway(settings_for(backend)) as client:
+        await _track(client, [("a\x00b", "u")])
+        top = await client.get(f"/admin/v1/projects/shop/events?after={2**63 - 1}", headers=ADMIN)
+        assert top.status_code == 200 and top.json() == {"events": [], "next": None}
+        # A NUL reads as U+FFFD, as the writer stored it.
+        found = await client.get("/admin/v1/projects/shop/events", params={"name": "a\x00b"}, headers=ADMIN)
+        assert [e["name"] for e in found.json()["events"]] == ["a\ufffdb"]
+
+
+async def test_profile_ids_containing_a_slash_are_readable(backend) -> None:
+    async with gateway(settings_for(backend)) as client:
+        for id_ in ("team/ada", "a/b/c"):
+            reply = await client.post("/engage", headers=TOKEN, json={"distinct_id": id_, "$set": {"who": id_}})
+            assert reply.status_code == 200
+        for path in ("team/ada", "team%2Fada", "a/b/c"):
+            found = await client.get(f"/admin/v1/projects/shop/profiles/{path}", headers=ADMIN)
+            assert found.status_code == 200, (path, found.text)
+            assert found.json()["properties"]["who"] == path.replace("%2F", "/")
+
+
+async def test_database_unavailable_is_a_json_503_with_retry_after(postgres_backend) -> None:
+    dead = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
+    settings = settings_for(dict(postgres_backend, storage_url=dead),
+                            storage={"migrate_on_start": False, "unavailable_retry_after": 9})
+    async with gateway(settings) as client:
+        for path in ("/admin/v1/projects/shop/events", "/admin/v1/projects/shop/profiles/u",
+                     "/admin/v1/rejections"):
+            reply = await client.get(path, headers=ADMIN)
+            assert reply.status_code == 503, (path, reply.text)
+            assert reply.headers["retry-after"] == "9"
+            assert reply.json() == {"error": "database unavailable"}
+
+
+async def test_an_unexpected_error_is_a_json_500_not_an_empty_one(sqlite_backend, caplog) -> None:
+    async with gateway(settings_for(sqlite_backend)) as client:
+        await _track(client, [("e", "u")])
+        # A row the admin API cannot decode (not valid JSON in a JSON column).
+        db = sqlite_backend["storage_url"].removeprefix("sqlite+aiosqlite:///")
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE events SET properties = '{broken'")
+        reply = await client.get("/admin/v1/projects/shop/events", headers=ADMIN)
+        assert reply.status_code == 500
+        assert reply.json() == {"error": "internal error"}
+        assert any("admin /admin/v1/projects/shop/events failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_admin_requests_are_logged_without_the_key(sqlite_backend, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="dialgate")
+    async with gateway(settings_for(sqlite_backend)) as client:
+        await client.get("/admin/v1/projects/shop/events?name=x", headers=ADMIN)
+        await client.get("/admin/v1/rejections", headers={"Authorization": "Bearer not-the-key"})
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("admin ")]
+    assert "admin method=GET path=/admin/v1/projects/shop/events status=200 peer=127.0.0.1" in lines, lines
+    assert "admin method=GET path=/admin/v1/rejections status=401 peer=127.0.0.1" in lines, lines
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert ADMIN_KEY not in text and "not-the-key" not in text
+
+
+async def test_with_admin_bind_the_public_app_serves_no_admin_path(sqlite_backend) -> None:
+    settings = settings_for(sqlite_backend, admin={"bind": f"127.0.0.1:{free_port()}"})
+    app = build_app(settings)
+    async with lifespan(app):
+        public = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://public")
+        admin = httpx.AsyncClient(transport=httpx.ASGITransport(app=app.admin), base_url="http://admin")
+        async with public, admin:
+            for path in ("/admin/v1/projects/shop/events", "/admin/v1/rejections", "/metrics", "/readyz"):
+                assert (await public.get(path, headers=ADMIN)).status_code == 404, path
+                assert (await admin.get(path, headers=ADMIN)).status_code == 200, path
+            # /healthz on both (a load balancer's check); ingestion on the public one only.
+            assert (await public.get("/healthz")).status_code == 200
+            assert (await admin.get("/healthz")).status_code == 200
+            track = {"event": "e", "properties": {"distinct_id": "u"}}
+            assert (await public.post("/track", headers=TOKEN, json=track)).status_code == 200
+            assert (await admin.post("/track", headers=TOKEN, json=track)).status_code == 404
+            assert len((await admin.get("/admin/v1/projects/shop/events", headers=ADMIN)).json()["events"]) == 1
