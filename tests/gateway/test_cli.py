@@ -219,3 +219,104 @@ async def test_enabled_dialect_has_its_routes(backend) -> None:
             "/track", headers={"X-Cohorly-Token": "tok_shop"}, json={"event": "E", "properties": {"distinct_id": "u1"}}
         )
         assert reply.status_code == 200
+
+
+# -- one way to name the config, and what serve cannot run ---------------------
+
+
+def test_check_config_takes_the_file_as_serve_does(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nread_timeout = 0\n', encoding="utf-8")
+    for args, env in (((str(EXAMPLE),), {}), (("--config", str(EXAMPLE)), {}),
+                      ((), {"DIALGATE_CONFIG": str(EXAMPLE)})):
+        result = run("check-config", *args, cwd=tmp_path, **env)
+        assert result.returncode == 0, (args, env, result.stderr)
+        assert "1 projects" in result.stdout
+    for args, env in (((str(bad),), {}), (("--config", str(bad)), {}), ((), {"DIALGATE_CONFIG": str(bad)})):
+        result = run("check-config", *args, cwd=tmp_path, **env)
+        assert result.returncode == 2, (args, env)
+        assert "server.read_timeout" in result.stderr
+    both = run("check-config", str(EXAMPLE), "--config", str(bad), cwd=tmp_path)
+    assert both.returncode == 2 and "two different files" in both.stderr
+
+
+@pytest.mark.parametrize("override,key", [
+    ({"DIALGATE_STORAGE__URL": "postgresql://postgres@127.0.0.1/db"}, "storage.url"),
+    ({"DIALGATE_REDIS__URL": "http://127.0.0.1:6379"}, "redis.url"),
+    ({"DIALGATE_SERVER__GRACEFUL_TIMEOUT": "-1"}, "server.graceful_timeout"),
+    ({"DIALGATE_DIALECTS__CLIENT__MAX_BODY_BYTES": "0"}, "dialects.client.max_body_bytes"),
+])
+def test_check_config_and_serve_refuse_what_serve_cannot_run(tmp_path: Path, override, key) -> None:
+    for command in (("check-config", str(EXAMPLE)), ("serve", "--config", str(EXAMPLE))):
+        result = run(*command, cwd=tmp_path, **override)
+        assert result.returncode == 2, (command, result.stderr)
+        assert key in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "dialgate.db").exists()
+
+
+def test_serve_refuses_the_example_admin_key_on_a_public_address(tmp_path: Path) -> None:
+    result = run("serve", "--config", str(EXAMPLE), cwd=tmp_path, DIALGATE_SERVER__BIND="0.0.0.0:8000")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "adm_change_me" in lines[0], result.stderr
+    assert not (tmp_path / "dialgate.db").exists()
+
+
+def test_serve_with_admin_bind_and_sighup(tmp_path: Path) -> None:
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "dialgate.toml"
+    config.write_text(
+        f"""
+[server]
+bind = "127.0.0.1:{port}"
+
+[storage]
+url = "sqlite+aiosqlite:///{tmp_path / 'admin.db'}"
+
+[admin]
+keys = ["adm_cli_key"]
+bind = "127.0.0.1:{admin_port}"
+
+[[projects]]
+name = "shop"
+cohorly_tokens = ["tok_cli"]
+""",
+        encoding="utf-8",
+    )
+    stderr = tmp_path / "err.log"
+    with stderr.open("w") as err:
+        process = subprocess.Popen([str(DIALGATE), "serve"], cwd=tmp_path, env=clean_env(DIALGATE_CONFIG=str(config)),
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    public, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    key = {"Authorization": "Bearer adm_cli_key"}
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            assert process.poll() is None, stderr.read_text()
+            try:
+                if httpx.get(admin + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.05)
+        track = {"event": "E", "properties": {"token": "tok_cli", "distinct_id": "u"}}
+        assert httpx.post(public + "/track", json=track, timeout=10).status_code == 200
+        for path in ("/admin/v1/projects/shop/events", "/metrics", "/readyz"):
+            assert httpx.get(public + path, headers=key, timeout=10).status_code == 404, path
+            assert httpx.get(admin + path, headers=key, timeout=10).status_code == 200, path
+        # SIGHUP: one line, nothing else changes.
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert process.poll() is None
+        assert httpx.get(public + "/healthz", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = stderr.read_text()
+    assert log.count("SIGHUP ignored") == 1, log
+    assert "admin method=GET path=/admin/v1/projects/shop/events status=200 peer=127.0.0.1" in log
+    assert "adm_cli_key" not in log and "Traceback" not in log

@@ -314,3 +314,83 @@ def test_load_uses_the_process_environment_by_default(tmp_path: Path, monkeypatc
     monkeypatch.setenv("DIALGATE_SERVER__WORKERS", "3")
     assert load(path).server.workers == 3
     assert load(path, environ={}).server.workers == 2
+
+
+# -- what serve cannot run is refused here (so check-config refuses it too) ----
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://postgres@127.0.0.1/db", "postgres://x@h/db", "sqlite:///./x.db", "mysql+aiomysql://h/db",
+    "./dialgate.db", "sqlite+pysqlite:///x.db",
+])
+def test_unsupported_storage_url_is_refused(url: str) -> None:
+    assert "storage.url" in refused({"storage": {"url": url}})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379", "127.0.0.1:6379", "redis://127.0.0.1:port/0",
+                                 "redis://127.0.0.1:70000/0"])
+def test_unsupported_redis_url_is_refused(url: str) -> None:
+    assert "redis.url" in refused({"redis": {"url": url}})
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://:pw@cache.example:6380/1",
+                                 "unix:///run/redis.sock", "redis://[::1]:6379/0"])
+def test_supported_redis_urls_are_accepted(url: str) -> None:
+    assert from_dict({"redis": {"url": url}}, {}).redis.url == url
+
+
+@pytest.mark.parametrize("section,key", [
+    ("server", "read_timeout"), ("server", "graceful_timeout"), ("server", "max_connections"),
+    ("server", "workers"), ("storage", "batch_max_rows"), ("storage", "writer_lanes"),
+    ("storage", "unavailable_retry_after"), ("redis", "dedup_ttl_seconds"), ("redis", "retry_interval"),
+    ("redis", "local_dedup_max_entries"), ("quarantine", "per_minute"), ("quarantine", "excerpt_bytes"),
+])
+@pytest.mark.parametrize("value", [0, -1])
+def test_zero_or_negative_numbers_are_refused(section: str, key: str, value: int) -> None:
+    assert f"{section}.{key}" in refused({section: {key: value}})
+
+
+def test_zero_or_negative_limits_of_a_dialect_are_refused_too() -> None:
+    assert "dialects.cohorly.max_body_bytes" in refused({"dialects": {"cohorly": {"max_body_bytes": 0}}})
+    assert "dialects.cohorly.rate_limit.requests" in refused(
+        {"dialects": {"cohorly": {"rate_limit": {"requests": -5, "per_seconds": 10}}}})
+    assert "dialects.inslytic.events_per_minute" in refused({"dialects": {"inslytic": {"events_per_minute": 0}}})
+
+
+def test_infinite_or_nan_numbers_are_refused_and_a_zero_delay_is_fine() -> None:
+    assert "redis.retry_interval" in refused({"redis": {"retry_interval": float("inf")}})
+    assert "redis.retry_interval" in refused({"redis": {"retry_interval": float("nan")}})
+    assert "storage.batch_delay_ms" in refused({"storage": {"batch_delay_ms": -1}})
+    assert from_dict({"storage": {"batch_delay_ms": 0}}, {}).storage.batch_delay_ms == 0
+
+
+def test_bind_ports_must_be_valid_and_the_admin_listener_apart() -> None:
+    assert "server.bind" in refused({"server": {"bind": "127.0.0.1:70000"}})
+    assert "admin.bind" in refused({"admin": {"bind": "127.0.0.1"}})
+    assert "admin.bind" in refused({"server": {"bind": "0.0.0.0:8000"}, "admin": {"bind": "127.0.0.1:8000"}})
+    settings = from_dict({"admin": {"bind": "127.0.0.1:9100"}}, {})
+    assert settings.admin.bind == "127.0.0.1:9100"
+
+
+@pytest.mark.parametrize("sections", [
+    {"server": {"bind": "0.0.0.0:8000"}},
+    {"server": {"bind": "[::]:8000"}},
+    {"server": {"bind": "gateway.example:8000"}},
+    {"admin": {"bind": "0.0.0.0:9100"}},
+    {"server": {"bind": "127.0.0.1:8000"}, "admin": {"bind": "10.0.0.5:9100"}},
+])
+def test_the_example_admin_key_is_refused_off_loopback(sections: dict[str, Any]) -> None:
+    admin = {"keys": ["adm_change_me"], **sections.get("admin", {})}
+    message = refused({**sections, "admin": admin})
+    assert "adm_change_me" in message and "admin.keys" in message
+
+
+@pytest.mark.parametrize("sections", [
+    {"server": {"bind": "127.0.0.1:8000"}},
+    {"server": {"bind": "[::1]:8000"}},
+    {"server": {"bind": "localhost:8000"}},
+    {"server": {"bind": "0.0.0.0:8000"}, "admin": {"bind": "127.0.0.1:9100"}},
+])
+def test_the_example_admin_key_is_allowed_on_loopback(sections: dict[str, Any]) -> None:
+    admin = {"keys": ["adm_change_me"], **sections.get("admin", {})}
+    assert from_dict({**sections, "admin": admin}, {}).admin.keys == ["adm_change_me"]
