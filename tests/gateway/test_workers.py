@@ -205,9 +205,13 @@ def test_workers_stop_and_free_the_port_when_the_supervisor_is_killed(tmp_path: 
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-    # They drained (a clean stop), and the port can be bound again at once.
+    # The port can be listened on again at once, without SO_REUSEPORT (which
+    # would share it with a leftover listener); SO_REUSEADDR, as the gateway
+    # binds, only passes the closed connections' TIME_WAIT.
     with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+        again.listen()
     with sqlite3.connect(tmp_path / "workers.db") as db:
         assert db.execute("SELECT count(*) FROM events").fetchone() == (1,)
 
