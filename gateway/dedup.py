@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +34,22 @@ REMEMBER_LINGER = 0.02
 # expires a period later otherwise; an id is known for the TTL, and at
 # most half as long again.
 PERIODS = 8
+
+# The sets' name: "dd2" since members became digests (see member). The raw
+# ids of "dd" sets written before are never asked again and expire; a retry
+# of an id cached before the upgrade misses the cache once, and the
+# database's unique key refuses it.
+SETS = "dd2"
+
+
+def member(project: str, source: str, insert_id: str) -> bytes:
+    """What Redis keeps of a committed id: a 16-byte BLAKE2b digest of its
+    project, source and insert id, so a member costs Redis the same memory
+    whatever the caller sent (insert ids run to 255 characters). Two ids of
+    one stream share a digest with odds near 2**-128 per pair: that event
+    would be taken for a duplicate."""
+    text = f"{len(project)}:{project}{len(source)}:{source}{insert_id}"
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 # KEYS: a project's and source's period sets; ARGV: ids. Per id, 1 if any
 # set has it, else 0.
@@ -103,7 +120,7 @@ class Dedup:
     def _set(self, project: str, source: str, period: int) -> str:
         assert self._link is not None
         # Hash-tagged per project: a project's sets live in one cluster slot.
-        return self._link.key("dd", "{" + project + "}", source, str(period))
+        return self._link.key(SETS, "{" + project + "}", source, str(period))
 
     def _sets(self, project: str, source: str) -> list[str]:
         """The sets a lookup asks: from the oldest period the TTL reaches to
@@ -147,7 +164,8 @@ class Dedup:
         commands: list[tuple[Any, ...]] = []
         for (project, source), ids in _by_stream(key for request in requests for key in request).items():
             name = self._set(project, source, period)
-            commands += [("SADD", name, *ids), ("EXPIRE", name, expiry)]
+            members = [member(project, source, i) for i in ids]
+            commands += [("SADD", name, *members), ("EXPIRE", name, expiry)]
             self._streams[(project, source)] = None
         if period != self._swept:
             # A new period: the sets of the one the lookups just left behind go.
@@ -181,7 +199,8 @@ class _Lookups(Kind[list[Key], set[Key]]):
         commands = []
         for project, source, ids in streams:
             sets = self._dedup._sets(project, source)
-            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *ids))
+            members = [member(project, source, i) for i in ids]
+            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *members))
         return commands, streams
 
     def results(self, requests: list[list[Key]], streams: list[_Stream],
@@ -193,7 +212,8 @@ class _Lookups(Kind[list[Key], set[Key]]):
         if failure is not None:
             link.failed("dedup lookup", failure)
             return [set() for _ in requests]
-        link.succeeded()
+        # An answered read does not clear a failure: a full Redis answers
+        # reads while refusing writes (see RedisLink.readiness).
         hits: set[Key] = set()
         for (project, source, ids), found in zip(streams, replies):  # type: ignore[arg-type]
             hits.update((project, source, i) for i, f in zip(ids, found) if f)
