@@ -31,21 +31,31 @@ from gateway.redislink import Kind, RedisLink, resolved
 # first `admitted` asks of the group are admitted, the rest wait `wait` ms
 # until a slot frees up. Concurrent requests share one call (see Flight);
 # the keys share a hash tag, so the script stays in one Redis Cluster slot.
-# A key's set is trimmed and counted once, and its admissions added in one
-# ZADD: the same answers as one ask at a time, at a fraction of the commands.
+# A key's window is counted once and its admissions added in one ZADD: the
+# same answers as one ask at a time, at a fraction of the commands.
+#
+# Counts and admissions first, trims last: when Redis is full (maxmemory
+# with noeviction) it refuses a script whose first write is a ZADD, but
+# lets one that already wrote anything (a trim) go on past maxmemory. So a
+# full Redis refuses the call whole, nothing written, and the gateway falls
+# back to its in-process limiter; a call that only refuses writes nothing
+# before its trims and is answered. Each set is trimmed to its longest
+# window (the same key asked with two windows: a configuration changed
+# between two workers).
 _SLIDING_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
 local made = 0
 local out = {}
+local longest = {}
 for i = 1, #KEYS do
   local key = KEYS[i]
   local limit = tonumber(ARGV[3 * i - 1])
   local window = tonumber(ARGV[3 * i])
   local asks = tonumber(ARGV[3 * i + 1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local admitted = math.max(0, math.min(asks, limit - redis.call('ZCARD', key)))
+  local after = '(' .. (now - window)
+  local admitted = math.max(0, math.min(asks, limit - redis.call('ZCOUNT', key, after, '+inf')))
   local members = {}
   for j = 1, admitted do
     made = made + 1
@@ -55,16 +65,18 @@ for i = 1, #KEYS do
   for j = 1, #members, 1000 do
     redis.call('ZADD', key, unpack(members, j, math.min(j + 999, #members)))
   end
-  if admitted > 0 then
-    redis.call('PEXPIRE', key, window)
-  end
   local wait = 0
   if admitted < asks then
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGEBYSCORE', key, after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     wait = window
     if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + window - now) end
   end
   out[i] = {admitted, wait}
+  if not longest[key] or longest[key] < window then longest[key] = window end
+end
+for key, window in pairs(longest) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('PEXPIRE', key, window)
 end
 return out
 """

@@ -83,7 +83,7 @@ async def test_two_gateways_asking_in_one_flight_each_add_their_own_admissions(l
 
 async def test_one_client_under_two_windows_in_one_call_is_held_to_each(link) -> None:
     # The same key asked with two windows (a configuration changed between
-    # two workers): each group is trimmed and counted against its own.
+    # two workers): each group is counted against its own.
     limiter = Limiter(link)
     one, three = SlidingWindow(requests=1, per_seconds=10), SlidingWindow(requests=3, per_seconds=10)
     order = [("d", one), ("d", three), ("d", one), ("d", three), ("d", three)]
