@@ -31,7 +31,6 @@ import gzip
 import http.client
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -205,7 +204,7 @@ async def slow_uploads(pid: int, port: int, connections: int, declared: int, chu
                 await asyncio.sleep(pause)
             line = await asyncio.wait_for(reader.readline(), timeout=60)
             outcome = line.decode(errors="replace").split(" ", 2)[1] if line else "closed"
-        except (OSError, asyncio.TimeoutError, IndexError) as exc:
+        except (TimeoutError, OSError, IndexError) as exc:
             outcome = type(exc).__name__
         finally:
             writer.close()
@@ -254,8 +253,8 @@ def healthz_during(port: int, name: str, heavy: tuple[str, bytes, dict[str, str]
     answer = f"{status}" if status else f"no answer within {timeout:.0f} s"
     return {"scenario": f"/healthz during {name}", "figure": f"max {max(ordered, default=0) * 1000:.0f} ms, "
                                                             f"p99 {p99 * 1000:.0f} ms",
-            "aim": AIMS["healthz"], "detail": f"body {len(body)} B -> {answer}, {size} B answer in {took:.2f} s; "
-                                              f"{len(ordered)} polls"}
+            "aim": AIMS["healthz"],
+            "detail": f"body {len(body)} B -> {answer}, {size} B answer in {took:.2f} s; {len(ordered)} polls"}
 
 
 def engage_union(limit_bytes: int) -> bytes:
@@ -287,7 +286,8 @@ def report(rows: list[dict], title: str) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pg", action="store_true", help="PostgreSQL + Redis instead of SQLite")
     parser.add_argument("--pg-dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -337,8 +337,8 @@ def main() -> int:
             rows.append(healthz_during(port, "client [{},{},...] gzip",
                                        ("/api/client/events", bomb_body, {**key, "Content-Encoding": "gzip"}),
                                        args.heavy_timeout))
-            rows.append(healthz_during(port, "client 1,000 valid events",
-                                       ("/api/client/events", valid_client_batch(1000), key), args.heavy_timeout))
+            valid = ("/api/client/events", valid_client_batch(1000), key)
+            rows.append(healthz_during(port, "client 1,000 valid events", valid, args.heavy_timeout))
         if "engage" not in skip:
             body = engage_union(args.union_bytes)
             headers = {"Content-Type": "application/json", "X-Forwarded-For": "10.9.0.2"}

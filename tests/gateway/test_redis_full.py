@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from tests.support import ADMIN, gateway, settings_for
+from tests.support import events_of, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -25,7 +25,8 @@ INSLYTIC = {"Authorization": "Bearer ins_shop"}
 
 
 def _batch(prefix: str, n: int) -> list[dict[str, Any]]:
-    return [{"event": "e", "properties": {"distinct_id": "u", "$insert_id": f"{prefix}-{i}"}} for i in range(n)]
+    return [{"event": "e", "properties": {"distinct_id": "u", "$insert_id": f"{prefix}-{i}"}}
+            for i in range(n)]
 
 
 def _inslytic(prefix: str, n: int) -> dict[str, Any]:
@@ -35,6 +36,11 @@ def _inslytic(prefix: str, n: int) -> dict[str, Any]:
 
 async def _track(client: httpx.AsyncClient, ip: str, prefix: str, n: int = 1) -> httpx.Response:
     return await client.post("/track", headers={**TOKEN, "X-Forwarded-For": ip}, json=_batch(prefix, n))
+
+
+async def _ingest(client: httpx.AsyncClient, prefix: str) -> httpx.Response:
+    """Three Inslytic events (the project's bucket holds 5 a minute)."""
+    return await client.post("/v1/ingest", headers=INSLYTIC, json=_inslytic(prefix, 3))
 
 
 async def _fill(redis: aioredis.Redis) -> list[str]:
@@ -71,9 +77,10 @@ async def test_a_full_redis_keeps_limits_on_and_readyz_says_so(postgres_backend,
         await redis.config_set("maxmemory", used + 4 * 1024 * 1024)
         async with gateway(settings) as client:
             # Redis answering: its window and bucket decide.
-            assert [(await _track(client, "10.0.0.1", f"a{i}")).status_code for i in range(4)] == [200] * 3 + [429]
+            codes = [(await _track(client, "10.0.0.1", f"a{i}")).status_code for i in range(4)]
+            assert codes == [200, 200, 200, 429]
             assert await redis.zcard(f"{prefix}:rl:{{sliding}}:cohorly:10.0.0.1") == 3
-            assert (await client.post("/v1/ingest", headers=INSLYTIC, json=_inslytic("i", 3))).status_code == 202
+            assert (await _ingest(client, "i")).status_code == 202
             assert (await client.get("/readyz")).status_code == 200
 
             filled = await _fill(redis)
@@ -91,8 +98,7 @@ async def test_a_full_redis_keeps_limits_on_and_readyz_says_so(postgres_backend,
             assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
             assert not await redis.exists(f"{prefix}:rl:{{sliding}}:cohorly:10.0.0.2")  # Redis took nothing
             # The bucket too (in-process: its own full bucket of 5, then refused).
-            takes = [(await client.post("/v1/ingest", headers=INSLYTIC, json=_inslytic(f"j{n}", 3))).status_code
-                     for n in range(2)]
+            takes = [(await _ingest(client, f"j{n}")).status_code for n in range(2)]
             assert takes == [202, 429]
             # A retry of a stored batch: the database refuses the duplicate.
             again = await _track(client, "10.0.0.3", "b0")
@@ -114,7 +120,7 @@ async def test_a_full_redis_keeps_limits_on_and_readyz_says_so(postgres_backend,
             codes = [(await _track(client, "10.0.0.4", f"c{i}")).status_code for i in range(4)]
             assert codes == [200, 200, 200, 429]
             assert await redis.zcard(f"{prefix}:rl:{{sliding}}:cohorly:10.0.0.4") == 3
-            events = (await client.get("/admin/v1/projects/shop/events?limit=1000", headers=ADMIN)).json()["events"]
+            events = await events_of(client, limit="1000")
     finally:
         await redis.aclose()
     names = sorted(e["insert_id"] or e["name"] for e in events)
