@@ -104,7 +104,9 @@ class Caller:
         self.conn: http.client.HTTPConnection | None = None
 
     def request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, int]:
-        for attempt in (1, 2):
+        """(status, answer bytes); (0, 0) when no answer came (a timeout)."""
+        while True:
+            kept = self.conn is not None
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
             try:
@@ -114,11 +116,12 @@ class Caller:
                 if reply.getheader("connection", "").lower() == "close":
                     self.close()
                 return reply.status, len(data)
-            except (ConnectionError, http.client.HTTPException, OSError):
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 self.close()
-                if attempt == 2:
+                # Once more only when a kept connection turned out closed; a
+                # timeout or a new connection failing is no answer.
+                if not kept or isinstance(exc, TimeoutError):
                     return 0, 0
-        return 0, 0
 
     def close(self) -> None:
         if self.conn is not None:
