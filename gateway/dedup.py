@@ -48,11 +48,30 @@ def member(project: str, source: str, insert_id: str) -> bytes:
     whatever the caller sent (insert ids run to 255 characters). Two ids of
     one stream share a digest with odds near 2**-128 per pair: that event
     would be taken for a duplicate."""
-    text = f"{len(project)}:{project}{len(source)}:{source}{insert_id}"
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return members(project, source, [insert_id])[0]
 
-# KEYS: a project's and source's period sets; ARGV: ids. Per id, 1 if any
-# set has it, else 0.
+
+# A hash already fed its stream's project and source, per stream (as many
+# as projects times dialects): copying it costs less than hashing anew.
+_heads: dict[tuple[str, str], Any] = {}
+
+
+def members(project: str, source: str, ids: list[str]) -> list[bytes]:
+    """`member` of each id of one stream."""
+    head = _heads.get((project, source))
+    if head is None:
+        prefix = f"{len(project)}:{project}{len(source)}:{source}".encode("utf-8", "surrogatepass")
+        head = _heads[(project, source)] = hashlib.blake2b(prefix, digest_size=16)
+    out = []
+    for insert_id in ids:
+        digest = head.copy()
+        digest.update(insert_id.encode("utf-8", "surrogatepass"))
+        out.append(digest.digest())
+    return out
+
+
+# KEYS: a project's and source's period sets; ARGV: members (see member).
+# Per member, 1 if any set has it, else 0.
 _LOOKUP = """
 local found = {}
 for i = 1, #ARGV do found[i] = 0 end
@@ -164,8 +183,8 @@ class Dedup:
         commands: list[tuple[Any, ...]] = []
         for (project, source), ids in _by_stream(key for request in requests for key in request).items():
             name = self._set(project, source, period)
-            members = [member(project, source, i) for i in ids]
-            commands += [("SADD", name, *members), ("EXPIRE", name, expiry)]
+            digests = members(project, source, ids)
+            commands += [("SADD", name, *digests), ("EXPIRE", name, expiry)]
             self._streams[(project, source)] = None
         if period != self._swept:
             # A new period: the sets of the one the lookups just left behind go.
@@ -199,8 +218,8 @@ class _Lookups(Kind[list[Key], set[Key]]):
         commands = []
         for project, source, ids in streams:
             sets = self._dedup._sets(project, source)
-            members = [member(project, source, i) for i in ids]
-            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *members))
+            digests = members(project, source, ids)
+            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *digests))
         return commands, streams
 
     def results(self, requests: list[list[Key]], streams: list[_Stream],

@@ -187,3 +187,19 @@ async def test_sets_the_lookups_no_longer_reach_are_unlinked_at_a_new_period(lin
     assert not await link.client.exists(f"t:dd2:{{shop}}:cohorly:{stale}")
     assert await dedup.seen([("shop", "cohorly", "old"), ("shop", "cohorly", "new")]) == {
         ("shop", "cohorly", "old"), ("shop", "cohorly", "new")}
+
+
+async def test_redis_keeps_a_16_byte_digest_of_each_id_whatever_its_length(link) -> None:
+    dedup = Dedup(link, ttl_seconds=80, max_local_entries=10)
+    ids = ["a", "é" * 255, "x" * 255, "x" * 254]
+    await dedup.remember([("shop", "cohorly", i) for i in ids])
+    await dedup.close()
+    [name] = await link.client.keys("t:dd2:*")
+    stored = await link.client.smembers(name)
+    assert {len(m) for m in stored} == {16}
+    assert stored == {member("shop", "cohorly", i) for i in ids}
+    # The digest covers the project and source too, and ids that only look alike differ.
+    assert len({member("shop", "cohorly", "a"), member("shop", "client", "a"), member("shopc", "ohorly", "a"),
+                member("shop", "cohorly", "a ")}) == 4
+    assert await dedup.seen([("shop", "cohorly", i) for i in [*ids, "x" * 253]]) == {
+        ("shop", "cohorly", i) for i in ids}
