@@ -208,8 +208,8 @@ class LocalLimiter:
     without Redis, and of one whose Redis cannot answer."""
 
     def __init__(self) -> None:
-        # key -> (window length in ms, admission times in monotonic ms).
-        self._logs: dict[str, tuple[float, collections.deque[float]]] = {}
+        # (key, window length in ms) -> admission times in monotonic ms.
+        self._logs: dict[tuple[str, float], collections.deque[float]] = {}
         self._next_sweep = 0.0
         # key -> (window end in monotonic ms, tokens left); one per project.
         self._buckets: dict[str, tuple[float, int]] = {}
@@ -219,10 +219,9 @@ class LocalLimiter:
         length = window.per_seconds * 1000
         # Sweep before taking this key's log, so the sweep cannot orphan it.
         self._sweep(now, length)
-        entry = self._logs.get(key)
-        if entry is None or entry[0] != length:
-            entry = self._logs[key] = (length, collections.deque())
-        log = entry[1]
+        log = self._logs.get((key, length))
+        if log is None:
+            log = self._logs[(key, length)] = collections.deque()
         while log and log[0] <= now - length:
             log.popleft()
         if len(log) < window.requests:
@@ -247,7 +246,7 @@ class LocalLimiter:
         if now < self._next_sweep:
             return
         self._next_sweep = now + length
-        idle = [k for k, (span, log) in self._logs.items() if not log or log[-1] <= now - span]
+        idle = [k for k, log in self._logs.items() if not log or log[-1] <= now - k[1]]
         for key in idle:
             del self._logs[key]
 
