@@ -148,11 +148,17 @@ class Admin:
             checks["database"] = True
         except Exception:
             checks["database"] = False
+        extra: dict[str, Any] = {}
         if self._state.redis is not None:
-            checks["redis"] = await self._state.redis.ping()
+            # A write probe and the last failure of any Redis call, not a
+            # PING: a full Redis answers PINGs while refusing every write.
+            failure = await self._state.redis.readiness()
+            checks["redis"] = failure is None
+            if failure is not None:
+                extra["redis_failure"] = failure
         ready = all(checks.values())
         return JSONResponse(
-            {"status": "ready" if ready else "unavailable", **checks},
+            {"status": "ready" if ready else "unavailable", **checks, **extra},
             status_code=200 if ready else 503,
         )
 

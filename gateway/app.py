@@ -87,9 +87,10 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             link = RedisLink(
                 settings.redis.url, prefix=settings.redis.key_prefix,
                 retry_interval=settings.redis.retry_interval,
+                failure_window=settings.redis.failure_window,
             )
             if not await link.ping():
-                log.warning("starting without redis; limits are open until it answers")
+                log.warning("starting without redis; limits are in-process until it answers")
         writer = Writer(
             engine,
             max_rows=settings.storage.batch_max_rows,

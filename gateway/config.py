@@ -77,6 +77,9 @@ class RedisConfig(_Base):
     # In-process dedup cache size (used without Redis): about 200 bytes an
     # id, so the default holds a worker's cache near 50 MB.
     local_dedup_max_entries: int = 250_000
+    # Seconds /readyz keeps answering 503 after a Redis call failed (an OOM
+    # refusal, a timeout, a lost connection), even if Redis answers again.
+    failure_window: Annotated[float, Meta(ge=0)] = 10.0
 
     def __repr__(self) -> str:
         return f"RedisConfig(url={_mask_url(self.url)!r}, ...)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -34,8 +35,43 @@ REMEMBER_LINGER = 0.02
 # most half as long again.
 PERIODS = 8
 
-# KEYS: a project's and source's period sets; ARGV: ids. Per id, 1 if any
-# set has it, else 0.
+# The sets' name: "dd2" since members became digests (see member). The raw
+# ids of "dd" sets written before are never asked again and expire; a retry
+# of an id cached before the upgrade misses the cache once, and the
+# database's unique key refuses it.
+SETS = "dd2"
+
+
+def member(project: str, source: str, insert_id: str) -> bytes:
+    """What Redis keeps of a committed id: a 16-byte BLAKE2b digest of its
+    project, source and insert id, so a member costs Redis the same memory
+    whatever the caller sent (insert ids run to 255 characters). Two ids of
+    one stream share a digest with odds near 2**-128 per pair: that event
+    would be taken for a duplicate."""
+    return members(project, source, [insert_id])[0]
+
+
+# A hash already fed its stream's project and source, per stream (as many
+# as projects times dialects): copying it costs less than hashing anew.
+_heads: dict[tuple[str, str], Any] = {}
+
+
+def members(project: str, source: str, ids: list[str]) -> list[bytes]:
+    """`member` of each id of one stream."""
+    head = _heads.get((project, source))
+    if head is None:
+        prefix = f"{len(project)}:{project}{len(source)}:{source}".encode("utf-8", "surrogatepass")
+        head = _heads[(project, source)] = hashlib.blake2b(prefix, digest_size=16)
+    out = []
+    for insert_id in ids:
+        digest = head.copy()
+        digest.update(insert_id.encode("utf-8", "surrogatepass"))
+        out.append(digest.digest())
+    return out
+
+
+# KEYS: a project's and source's period sets; ARGV: members (see member).
+# Per member, 1 if any set has it, else 0.
 _LOOKUP = """
 local found = {}
 for i = 1, #ARGV do found[i] = 0 end
@@ -103,7 +139,7 @@ class Dedup:
     def _set(self, project: str, source: str, period: int) -> str:
         assert self._link is not None
         # Hash-tagged per project: a project's sets live in one cluster slot.
-        return self._link.key("dd", "{" + project + "}", source, str(period))
+        return self._link.key(SETS, "{" + project + "}", source, str(period))
 
     def _sets(self, project: str, source: str) -> list[str]:
         """The sets a lookup asks: from the oldest period the TTL reaches to
@@ -147,7 +183,8 @@ class Dedup:
         commands: list[tuple[Any, ...]] = []
         for (project, source), ids in _by_stream(key for request in requests for key in request).items():
             name = self._set(project, source, period)
-            commands += [("SADD", name, *ids), ("EXPIRE", name, expiry)]
+            digests = members(project, source, ids)
+            commands += [("SADD", name, *digests), ("EXPIRE", name, expiry)]
             self._streams[(project, source)] = None
         if period != self._swept:
             # A new period: the sets of the one the lookups just left behind go.
@@ -181,7 +218,8 @@ class _Lookups(Kind[list[Key], set[Key]]):
         commands = []
         for project, source, ids in streams:
             sets = self._dedup._sets(project, source)
-            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *ids))
+            digests = members(project, source, ids)
+            commands.append(("EVALSHA", self._script.sha, len(sets), *sets, *digests))
         return commands, streams
 
     def results(self, requests: list[list[Key]], streams: list[_Stream],
@@ -193,7 +231,8 @@ class _Lookups(Kind[list[Key], set[Key]]):
         if failure is not None:
             link.failed("dedup lookup", failure)
             return [set() for _ in requests]
-        link.succeeded()
+        # An answered read does not clear a failure: a full Redis answers
+        # reads while refusing writes (see RedisLink.readiness).
         hits: set[Key] = set()
         for (project, source, ids), found in zip(streams, replies):  # type: ignore[arg-type]
             hits.update((project, source, i) for i, f in zip(ids, found) if f)

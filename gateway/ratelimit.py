@@ -1,6 +1,11 @@
 """Rate limits: Lua scripts in Redis (the calls of concurrent requests
 coalesced into one), or in-process.
 
+Without Redis, and whenever a configured Redis cannot answer (down, slow,
+or full), the in-process limiter answers: a limit never switches off. Each
+process then holds a client to the limit on its own, so with N workers (or
+gateways) a client gets up to N times the limit until Redis answers again.
+
 The sliding window is a log of admission times: at most `requests` admitted
 in any window of `per_seconds`. The Redis script takes its clock from Redis
 (TIME), so several gateways sharing one Redis share one budget and one clock.
@@ -26,21 +31,31 @@ from gateway.redislink import Kind, RedisLink, resolved
 # first `admitted` asks of the group are admitted, the rest wait `wait` ms
 # until a slot frees up. Concurrent requests share one call (see Flight);
 # the keys share a hash tag, so the script stays in one Redis Cluster slot.
-# A key's set is trimmed and counted once, and its admissions added in one
-# ZADD: the same answers as one ask at a time, at a fraction of the commands.
+# A key's window is counted once and its admissions added in one ZADD: the
+# same answers as one ask at a time, at a fraction of the commands.
+#
+# Counts and admissions first, trims last: when Redis is full (maxmemory
+# with noeviction) it refuses a script whose first write is a ZADD, but
+# lets one that already wrote anything (a trim) go on past maxmemory. So a
+# full Redis refuses the call whole, nothing written, and the gateway falls
+# back to its in-process limiter; a call that only refuses writes nothing
+# before its trims and is answered. Each set is trimmed to its longest
+# window (the same key asked with two windows: a configuration changed
+# between two workers).
 _SLIDING_WINDOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
 local made = 0
 local out = {}
+local longest = {}
 for i = 1, #KEYS do
   local key = KEYS[i]
   local limit = tonumber(ARGV[3 * i - 1])
   local window = tonumber(ARGV[3 * i])
   local asks = tonumber(ARGV[3 * i + 1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-  local admitted = math.max(0, math.min(asks, limit - redis.call('ZCARD', key)))
+  local after = '(' .. (now - window)
+  local admitted = math.max(0, math.min(asks, limit - redis.call('ZCOUNT', key, after, '+inf')))
   local members = {}
   for j = 1, admitted do
     made = made + 1
@@ -50,16 +65,18 @@ for i = 1, #KEYS do
   for j = 1, #members, 1000 do
     redis.call('ZADD', key, unpack(members, j, math.min(j + 999, #members)))
   end
-  if admitted > 0 then
-    redis.call('PEXPIRE', key, window)
-  end
   local wait = 0
   if admitted < asks then
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGEBYSCORE', key, after, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
     wait = window
     if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + window - now) end
   end
   out[i] = {admitted, wait}
+  if not longest[key] or longest[key] < window then longest[key] = window end
+end
+for key, window in pairs(longest) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('PEXPIRE', key, window)
 end
 return out
 """
@@ -101,8 +118,9 @@ class _Scripted(Kind[T, int]):
     """Asks answered by one script call for all of a flight's: 0, or the
     milliseconds to wait."""
 
-    def __init__(self, link: RedisLink, script: str, *prefix: str) -> None:
+    def __init__(self, link: RedisLink, local: LocalLimiter, script: str, *prefix: str) -> None:
         self._link = link
+        self._local = local
         self._script = link.client.register_script(script)
         self.scripts = (self._script,)
         self._head = link.key(*prefix, "")
@@ -111,7 +129,8 @@ class _Scripted(Kind[T, int]):
         return [("EVALSHA", self._script.sha, len(keys), *keys, *args)]
 
     def _reply(self, replies: list[Any] | Exception) -> list[Any] | None:
-        """The script's reply, or None when Redis failed (and limits open)."""
+        """The script's reply, or None when Redis failed (the asks then go
+        to the in-process limiter)."""
         reply = replies if isinstance(replies, Exception) else replies[0]
         if isinstance(reply, Exception):
             self._link.failed("rate limiting", reply)
@@ -124,8 +143,8 @@ class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
     """Sliding-window admissions: a flight's asks grouped per client and
     window, one group per key of the script."""
 
-    def __init__(self, link: RedisLink) -> None:
-        super().__init__(link, _SLIDING_WINDOW, "rl", "{sliding}")
+    def __init__(self, link: RedisLink, local: LocalLimiter) -> None:
+        super().__init__(link, local, _SLIDING_WINDOW, "rl", "{sliding}")
         # Members must be unique across every gateway sharing the Redis:
         # a random origin per process, and a number per call.
         self._origin = secrets.token_hex(6)
@@ -148,20 +167,21 @@ class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
 
     def results(self, asks: list[tuple[str, SlidingWindow]], plan: list[list[int]],
                 replies: list[Any] | Exception) -> list[int]:
-        waits = [0] * len(asks)
         reply = self._reply(replies)
-        if reply is not None:
-            for indexes, (admitted, wait) in zip(plan, reply):
-                for index in indexes[admitted:]:
-                    waits[index] = wait
+        if reply is None:
+            return [self._local.sliding(key, window) for key, window in asks]
+        waits = [0] * len(asks)
+        for indexes, (admitted, wait) in zip(plan, reply):
+            for index in indexes[admitted:]:
+                waits[index] = wait
         return waits
 
 
 class _Takes(_Scripted[tuple[str, TokenBucket, int]]):
     """Token-bucket takes, one key per ask."""
 
-    def __init__(self, link: RedisLink) -> None:
-        super().__init__(link, _TOKEN_BUCKET, "tb", "{bucket}")
+    def __init__(self, link: RedisLink, local: LocalLimiter) -> None:
+        super().__init__(link, local, _TOKEN_BUCKET, "tb", "{bucket}")
 
     def commands(self, asks: list[tuple[str, TokenBucket, int]]) -> tuple[list[tuple[Any, ...]], None]:
         keys: list[str] = []
@@ -174,7 +194,9 @@ class _Takes(_Scripted[tuple[str, TokenBucket, int]]):
     def results(self, asks: list[tuple[str, TokenBucket, int]], plan: None,
                 replies: list[Any] | Exception) -> list[int]:
         reply = self._reply(replies)
-        return [0] * len(asks) if reply is None else [int(w) for w in reply]
+        if reply is None:
+            return [self._local.take(key, bucket, cost) for key, bucket, cost in asks]
+        return [int(w) for w in reply]
 
 
 def retry_after_seconds(wait_ms: int) -> int:
@@ -182,10 +204,12 @@ def retry_after_seconds(wait_ms: int) -> int:
 
 
 class LocalLimiter:
-    """In-process sliding windows, for a gateway without Redis."""
+    """In-process sliding windows and buckets: the limits of a gateway
+    without Redis, and of one whose Redis cannot answer."""
 
     def __init__(self) -> None:
-        self._logs: dict[str, collections.deque[float]] = {}
+        # (key, window length in ms) -> admission times in monotonic ms.
+        self._logs: dict[tuple[str, float], collections.deque[float]] = {}
         self._next_sweep = 0.0
         # key -> (window end in monotonic ms, tokens left); one per project.
         self._buckets: dict[str, tuple[float, int]] = {}
@@ -195,9 +219,9 @@ class LocalLimiter:
         length = window.per_seconds * 1000
         # Sweep before taking this key's log, so the sweep cannot orphan it.
         self._sweep(now, length)
-        log = self._logs.get(key)
+        log = self._logs.get((key, length))
         if log is None:
-            log = self._logs[key] = collections.deque()
+            log = self._logs[(key, length)] = collections.deque()
         while log and log[0] <= now - length:
             log.popleft()
         if len(log) < window.requests:
@@ -205,7 +229,7 @@ class LocalLimiter:
             return 0
         return max(1, math.ceil(log[0] + length - now))
 
-    async def bucket(self, key: str, bucket: TokenBucket, cost: int) -> int:
+    def take(self, key: str, bucket: TokenBucket, cost: int) -> int:
         now = time.monotonic() * 1000
         ends, left = self._buckets.get(key, (0.0, 0))
         if now >= ends:
@@ -217,22 +241,26 @@ class LocalLimiter:
         return 0
 
     def _sweep(self, now: float, length: float) -> None:
-        # Forget idle clients so the table does not grow with every IP seen.
+        # Forget idle clients so the table does not grow with every IP seen;
+        # each log by its own window (limits of several lengths share it).
         if now < self._next_sweep:
             return
         self._next_sweep = now + length
-        for key in [k for k, v in self._logs.items() if not v or v[-1] <= now - length]:
+        idle = [k for k, log in self._logs.items() if not log or log[-1] <= now - k[1]]
+        for key in idle:
             del self._logs[key]
 
 
 class Limiter:
-    """Redis when configured and reachable; fails open when it is not."""
+    """Redis when configured and answering; the in-process limiter when it
+    is not configured, skipped after a failure (see RedisLink.usable), or
+    failing this very call."""
 
     def __init__(self, link: RedisLink | None) -> None:
         self._link = link
         self._local = LocalLimiter()
-        self._admissions = _Admissions(link) if link else None
-        self._takes = _Takes(link) if link else None
+        self._admissions = _Admissions(link, self._local) if link else None
+        self._takes = _Takes(link, self._local) if link else None
 
     def sliding(self, name: str, subject: str, window: SlidingWindow) -> asyncio.Future[int]:
         """Asked now, answered by the future: 0 if admitted, else
@@ -240,18 +268,14 @@ class Limiter:
         request path's flight (see Flight), with what the request asks
         next in the same turn."""
         key = f"{name}:{subject}"
-        if self._link is None or self._admissions is None:
+        if self._link is None or self._admissions is None or not self._link.usable:
             return resolved(self._local.sliding(key, window))
-        if not self._link.usable:
-            return resolved(0)
         return self._link.flight.submit(self._admissions, (key, window))
 
     async def bucket(self, name: str, subject: str, bucket: TokenBucket, cost: int) -> int:
         """Take `cost` tokens (capped at the capacity): 0, or ms until the refill."""
         cost = min(cost, bucket.capacity)
         key = f"{name}:{subject}"
-        if self._link is None or self._takes is None:
-            return await self._local.bucket(key, bucket, cost)
-        if not self._link.usable:
-            return 0
+        if self._link is None or self._takes is None or not self._link.usable:
+            return self._local.take(key, bucket, cost)
         return await self._link.flight.submit(self._takes, (key, bucket, cost))

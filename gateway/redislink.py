@@ -1,8 +1,11 @@
-"""The shared Redis connection and its fail-open switch.
+"""The shared Redis connection, its fallback switch and its last failure.
 
-Redis is an accelerator, never the authority: when a call fails, the caller
-falls back (limits allow, dedup asks the database) and Redis is left alone for
-`retry_interval` seconds so an outage does not cost every request a timeout.
+Redis is an accelerator, never the authority: when a call fails (Redis down,
+slow, or full: an OOM refusal under `maxmemory` with `noeviction`), the
+caller falls back (rate limits to the in-process limiter, dedup to the
+database) and Redis is left alone for `retry_interval` seconds so an outage
+does not cost every request a timeout. The link remembers the last failure
+so `/readyz` can report it: a PING answers while every write is refused.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, OutOfMemoryError, ResponseError
 
 log = logging.getLogger("dialgate.redis")
 
@@ -24,8 +28,33 @@ log = logging.getLogger("dialgate.redis")
 CALL_TIMEOUT = 0.5
 
 
+class Failure(msgspec.Struct, frozen=True):
+    """A Redis call that failed: what the gateway was doing, the kind of
+    failure, and what Redis said (its own words for an error reply; only
+    the exception's type otherwise, so no address or password leaks)."""
+
+    during: str
+    reason: str  # "out_of_memory", "unreachable", "timeout" or "error"
+    detail: str
+    at: float  # time.monotonic()
+
+    @classmethod
+    def of(cls, during: str, exc: BaseException) -> Failure:
+        if isinstance(exc, ResponseError):
+            # Redis's error reply; inside a script it reads "... used memory >
+            # 'maxmemory' ... script: <sha>", without the OOM prefix.
+            text = str(exc)
+            full = isinstance(exc, OutOfMemoryError) or "maxmemory" in text
+            return cls(during, "out_of_memory" if full else "error", text[:200], time.monotonic())
+        if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+            return cls(during, "timeout", type(exc).__name__, time.monotonic())
+        if isinstance(exc, (RedisConnectionError, OSError)):
+            return cls(during, "unreachable", type(exc).__name__, time.monotonic())
+        return cls(during, "error", type(exc).__name__, time.monotonic())
+
+
 class RedisLink:
-    def __init__(self, url: str, *, prefix: str, retry_interval: float) -> None:
+    def __init__(self, url: str, *, prefix: str, retry_interval: float, failure_window: float = 10.0) -> None:
         self.client = aioredis.from_url(
             url,
             # Short timeouts: a slow Redis must not become a slow gateway.
@@ -44,9 +73,11 @@ class RedisLink:
         )
         self.prefix = prefix
         self._retry_interval = retry_interval
+        self._failure_window = failure_window
         self._down_since: float | None = None
         self._next_try = 0.0
         self._flight: Flight | None = None
+        self.last_failure: Failure | None = None
 
     @property
     def usable(self) -> bool:
@@ -57,16 +88,15 @@ class RedisLink:
         return self._down_since is None
 
     def failed(self, what: str, exc: BaseException) -> None:
-        now = time.monotonic()
+        failure = self.last_failure = Failure.of(what, exc)
         if self._down_since is None:
-            self._down_since = now
+            self._down_since = failure.at
             log.warning(
-                "redis unavailable during %s (%s): rate limits fail open and "
-                "duplicates are checked by the database until it returns",
-                what,
-                type(exc).__name__,
+                "redis failed during %s (%s: %s): rate limits fall back to in-process limits and "
+                "duplicates are checked by the database until it answers again",
+                what, failure.reason, failure.detail,
             )
-        self._next_try = now + self._retry_interval
+        self._next_try = failure.at + self._retry_interval
 
     def succeeded(self) -> None:
         if self._down_since is not None:
@@ -84,13 +114,36 @@ class RedisLink:
         return self._flight
 
     async def ping(self) -> bool:
+        """Whether Redis answers a PING. An answer does not clear a failure:
+        a full Redis answers PINGs while refusing every write."""
         try:
             await self.client.ping()
         except Exception as exc:
             self.failed("ping", exc)
             return False
-        self.succeeded()
         return True
+
+    async def readiness(self) -> dict[str, Any] | None:
+        """None when Redis takes writes and none failed in the last
+        `failure_window` seconds; else what failed last, for `/readyz`.
+
+        The probe is a write (a PING answers while a full Redis refuses
+        every write); when it succeeds, the request path uses Redis again
+        at once instead of after `retry_interval`."""
+        try:
+            await self.client.set(self.key("readyz"), b"1", px=10_000)
+        except Exception as exc:
+            self.failed("readiness probe", exc)
+        else:
+            self.succeeded()
+        failure = self.last_failure
+        if failure is None:
+            return None
+        ago = time.monotonic() - failure.at
+        if self.healthy and ago > self._failure_window:
+            return None
+        return {"during": failure.during, "reason": failure.reason, "detail": failure.detail,
+                "seconds_ago": round(ago, 3)}
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -107,7 +160,7 @@ class Coalesce(Generic[T, R]):
     Calls made while a flush is in flight wait and go together in the next
     flush, so under load many requests share one round trip, and a lone
     request waits for nobody. `flush` gets the items in arrival order, returns
-    one result per item, and must not raise (Redis failures fail open).
+    one result per item, and must not raise (on a Redis failure it falls back).
 
     `linger` (seconds) holds the first item of a quiet spell that long
     before flushing, for calls nobody waits for: at moderate load, where
@@ -161,7 +214,7 @@ class Coalesce(Generic[T, R]):
                 try:
                     results = await self._flush([item for item, _ in batch])
                 except Exception as exc:
-                    # A bug, not Redis (that fails open inside `flush`): fail
+                    # A bug, not Redis (whose failures `flush` falls back from): fail
                     # the callers rather than leave them waiting forever.
                     log.exception("coalesced call failed")
                     for _, future in batch:
@@ -264,7 +317,7 @@ class Kind(Generic[T, R]):
     (and a plan, handed back with the replies), and how their replies
     become one result per item. `results` gets the replies in order (error
     replies as exceptions), or the exception that failed the whole round
-    trip, and must not raise (Redis fails open)."""
+    trip, and must not raise (on a Redis failure it falls back)."""
 
     # Registered scripts its commands run by SHA (loaded on NOSCRIPT).
     scripts: tuple[Any, ...] = ()

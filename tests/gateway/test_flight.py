@@ -1,7 +1,8 @@
 """gateway.redislink.Flight against a real Redis of the test's own: a
 request's rate-limit ask and dedup question in one round trip, the sliding
 window's answers when one call carries many asks, scripts reloaded within
-the flight, and Redis away failing open."""
+the flight, Redis away falling back to the in-process limiter, and the
+dedup members being fixed-size digests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from dialects.base import SlidingWindow
-from gateway.dedup import Dedup
+from gateway.dedup import Dedup, member
 from gateway.ratelimit import Limiter
 from gateway.redislink import Channel, Kind, RedisLink
 
@@ -82,7 +83,7 @@ async def test_two_gateways_asking_in_one_flight_each_add_their_own_admissions(l
 
 async def test_one_client_under_two_windows_in_one_call_is_held_to_each(link) -> None:
     # The same key asked with two windows (a configuration changed between
-    # two workers): each group is trimmed and counted against its own.
+    # two workers): each group is counted against its own.
     limiter = Limiter(link)
     one, three = SlidingWindow(requests=1, per_seconds=10), SlidingWindow(requests=3, per_seconds=10)
     order = [("d", one), ("d", three), ("d", one), ("d", three), ("d", three)]
@@ -131,15 +132,23 @@ async def test_a_flight_reloads_the_scripts_redis_lost_and_runs_each_command_onc
     assert link.healthy
 
 
-async def test_redis_away_fails_open_for_every_kind_in_the_flight(own_redis, link) -> None:
+async def test_redis_away_falls_back_for_every_kind_in_the_flight(own_redis, link) -> None:
     limiter, dedup = Limiter(link), Dedup(link, ttl_seconds=60, max_local_entries=10)
     window = SlidingWindow(requests=1, per_seconds=10)
     assert await limiter.sliding("cohorly", "ip", window) == 0
     own_redis.kill()
-    ask = limiter.sliding("cohorly", "ip", window)  # would be refused, were Redis there
+    # The failed call's asks go to the in-process limiter (which has not
+    # seen this client yet: one admitted, the next refused); the question
+    # goes to the database (no hit).
+    asks = [limiter.sliding("cohorly", "ip", window), limiter.sliding("cohorly", "ip", window)]
     question = dedup.seen([("shop", "cohorly", "i")])
-    assert (await ask, await question) == (0, set())
+    first, second = await asyncio.gather(*asks)
+    assert (first, await question) == (0, set())
+    assert 9000 <= second <= 10000
     assert not link.healthy
+    # Skipped while down (no Redis call): still in-process, still refused.
+    assert not link.usable
+    assert await limiter.sliding("cohorly", "ip", window) > 0
 
 
 async def test_remembered_ids_are_seen_per_project_and_source_until_they_expire(link) -> None:
@@ -154,15 +163,15 @@ async def test_remembered_ids_are_seen_per_project_and_source_until_they_expire(
                                        ("shop", "client", "c"), ("other", "cohorly", "a")}
     # One set per project, source and period of an eighth of the TTL, kept
     # for the TTL plus three periods after its last id (unlinked before).
-    sets = sorted(k.decode() for k in await link.client.keys("t:dd:*"))
+    sets = sorted(k.decode() for k in await link.client.keys("t:dd2:*"))
     assert [s.rsplit(":", 1)[0] for s in sets] == [
-        "t:dd:{other}:cohorly", "t:dd:{shop}:client", "t:dd:{shop}:cohorly"]
+        "t:dd2:{other}:cohorly", "t:dd2:{shop}:client", "t:dd2:{shop}:cohorly"]
     assert all(100 < ttl <= 110 for ttl in [await link.client.ttl(s) for s in sets])
     # Sets of periods the TTL no longer reaches are not asked.
     old = int(sets[0].rsplit(":", 1)[1]) - 10
-    await link.client.sadd(f"t:dd:{{other}}:cohorly:{old}", "b")
+    await link.client.sadd(f"t:dd2:{{other}}:cohorly:{old}", member("other", "cohorly", "b"))
     assert await dedup.seen([("other", "cohorly", "b")]) == set()
-    await link.client.sadd(f"t:dd:{{other}}:cohorly:{old + 2}", "b")
+    await link.client.sadd(f"t:dd2:{{other}}:cohorly:{old + 2}", member("other", "cohorly", "b"))
     assert await dedup.seen([("other", "cohorly", "b")]) == {("other", "cohorly", "b")}
 
 
@@ -171,10 +180,26 @@ async def test_sets_the_lookups_no_longer_reach_are_unlinked_at_a_new_period(lin
     now = int(time.time()) // 1000
     stale, oldest_asked = now - 10, now - 9
     for period in (stale, oldest_asked):
-        await link.client.sadd(f"t:dd:{{shop}}:cohorly:{period}", "old")
+        await link.client.sadd(f"t:dd2:{{shop}}:cohorly:{period}", member("shop", "cohorly", "old"))
     # The first remember of a process (a new period for it) sweeps.
     await dedup.remember([("shop", "cohorly", "new")])
     await dedup.close()
-    assert not await link.client.exists(f"t:dd:{{shop}}:cohorly:{stale}")
+    assert not await link.client.exists(f"t:dd2:{{shop}}:cohorly:{stale}")
     assert await dedup.seen([("shop", "cohorly", "old"), ("shop", "cohorly", "new")]) == {
         ("shop", "cohorly", "old"), ("shop", "cohorly", "new")}
+
+
+async def test_redis_keeps_a_16_byte_digest_of_each_id_whatever_its_length(link) -> None:
+    dedup = Dedup(link, ttl_seconds=80, max_local_entries=10)
+    ids = ["a", "é" * 255, "x" * 255, "x" * 254]
+    await dedup.remember([("shop", "cohorly", i) for i in ids])
+    await dedup.close()
+    [name] = await link.client.keys("t:dd2:*")
+    stored = await link.client.smembers(name)
+    assert {len(m) for m in stored} == {16}
+    assert stored == {member("shop", "cohorly", i) for i in ids}
+    # The digest covers the project and source too, and ids that only look alike differ.
+    assert len({member("shop", "cohorly", "a"), member("shop", "client", "a"), member("shopc", "ohorly", "a"),
+                member("shop", "cohorly", "a ")}) == 4
+    assert await dedup.seen([("shop", "cohorly", i) for i in [*ids, "x" * 253]]) == {
+        ("shop", "cohorly", i) for i in ids}

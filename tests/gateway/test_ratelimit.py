@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from dialects.base import SlidingWindow
+from gateway.ratelimit import LocalLimiter
 from tests.support import ADMIN, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -58,3 +61,15 @@ async def test_concurrent_inslytic_batches_of_two_gateways_take_one_exact_bucket
     assert codes.count(202) == 10 and codes.count(429) == 20
     accepted = {n for n, r in enumerate(replies) if r.status_code == 202}
     assert sorted(e["name"] for e in events) == sorted(f"b{n}-{i}" for n in accepted for i in range(10))
+
+
+def test_in_process_windows_of_different_lengths_keep_their_own_admissions() -> None:
+    # The in-process limiter also answers for a gateway whose Redis cannot:
+    # a sweep made for a short window must not forget a long window's client.
+    limiter = LocalLimiter()
+    hour, second = SlidingWindow(requests=1, per_seconds=3600), SlidingWindow(requests=1, per_seconds=1)
+    assert limiter.sliding("cohorly:10.0.0.1", hour) == 0
+    time.sleep(1.1)
+    assert limiter.sliding("per_ip:10.0.0.2", second) == 0  # sweeps what is idle for its 1 s
+    wait = limiter.sliding("cohorly:10.0.0.1", hour)
+    assert 3_590_000 <= wait <= 3_600_000
