@@ -54,6 +54,12 @@ class StorageConfig(_Base):
     writer_lanes: int = 3
     # Seconds a client is told to wait when the database is unreachable.
     unavailable_retry_after: int = 5
+    # Rows (records and rejections) queued or being written per worker; past
+    # it a request is answered 503 with Retry-After (a request alone always fits).
+    max_backlog_rows: int = 50_000
+    # A profile's properties, encoded as compact JSON; an update that would
+    # grow one past it is not applied and is quarantined (profile_too_large).
+    max_profile_bytes: int = 1_048_576
 
     def __repr__(self) -> str:
         return f"StorageConfig(url={_mask_url(self.url)!r}, ...)"
@@ -106,6 +112,8 @@ class QuarantineConfig(_Base):
     # the first of each minute is always kept.
     per_minute: int = 10
     excerpt_bytes: int = 2048
+    # Rejection rows older than this are deleted (hourly, in small batches); 0 keeps them.
+    keep_days: int = 30
 
 
 DialectsConfig: type[msgspec.Struct] = msgspec.defstruct(
@@ -249,6 +257,12 @@ def _check(settings: Settings) -> None:
         raise ConfigError("storage.writer_lanes: must be at least 1")
     if settings.storage.batch_max_rows < 1:
         raise ConfigError("storage.batch_max_rows: must be at least 1")
+    if settings.storage.max_backlog_rows < 1:
+        raise ConfigError("storage.max_backlog_rows: must be at least 1")
+    if settings.storage.max_profile_bytes < 2:
+        raise ConfigError("storage.max_profile_bytes: must be at least 2 (an empty profile, {})")
+    if settings.quarantine.keep_days < 0:
+        raise ConfigError("quarantine.keep_days: must be 0 (keep forever) or more")
 
 
 def credentials_for(settings: Settings, field: str) -> dict[Any, str]:
