@@ -91,28 +91,29 @@ class Profile:
 
 
 class _Step:
-    """One update applied in place, with what it takes to undo it."""
+    """One update applied in place, with a log of what it takes to undo it."""
 
     def __init__(self, profile: Profile, entries: dict[str, int]) -> None:
         self.p = profile
         self.entries = entries
-        # key -> (value before, entry size before, list length before)
-        self.saved: dict[str, tuple[Any, int | None, int | None]] = {}
+        self.log: list[tuple[Any, ...]] = []
 
-    def _save(self, key: str) -> Any:
-        held = self.p.props.get(key, _GONE)
-        if key not in self.saved:
-            length = len(held) if type(held) is list else None
-            self.saved[key] = (held, self.entries.get(key), length)
-        return held
+    def _assign(self, key: str, value: Any) -> None:
+        """props[key] = value (_GONE: delete), its entry size with it."""
+        props = self.p.props
+        self.log.append(("key", key, props.get(key, _GONE), self.entries.get(key)))
+        if value is _GONE:
+            del props[key]
+            self._resize(key, None)
+        else:
+            props[key] = value
+            self._resize(key, _size(key) + 1 + _size(value))
+        self.p._index.pop(key, None)
 
     def _put(self, key: str, value: Any) -> None:
-        self._save(key)
         if type(value) is list:
             value = list(value)  # pushed onto in place later: never the update's own list
-        self.p.props[key] = value
-        self._resize(key, _size(key) + 1 + _size(value))
-        self.p._index.pop(key, None)
+        self._assign(key, value)
 
     def _resize(self, key: str, entry: int | None) -> None:
         old = self.entries.get(key)
@@ -124,12 +125,18 @@ class _Step:
             self.entries[key] = entry
             self.p._total += entry
 
-    def _grow_list(self, key: str, held: list[Any], items: list[Any]) -> None:
-        """Push items onto the list at `key`, and its size with them."""
-        before = len(held)
-        held.extend(items)
-        added = sum(map(_size, items)) + len(items) - (1 if before == 0 and items else 0)
-        self._resize(key, self.entries[key] + added)
+    def _list_changed(self, key: str, before: int, after: int, items_delta: int) -> None:
+        """The list at `key` went from `before` to `after` items whose
+        encodings grew by `items_delta` bytes: "[a,b]" has a comma between two."""
+        entry = self.entries[key] + items_delta + max(after - 1, 0) - max(before - 1, 0)
+        self.log.append(("size", key, self.entries[key]))
+        self._resize(key, entry)
+
+    def _index(self, key: str, held: list[Any]) -> set[Hashable]:
+        index = self.p._index.get(key)
+        if index is None:
+            index = self.p._index[key] = _keys_of(held)
+        return index
 
     def run(self, update: ProfileUpdate) -> list[str]:
         props = self.p.props
@@ -146,89 +153,119 @@ class _Step:
             else:
                 problems.append(f"$add.{key}: profile value is not a number")
         for key, value in update.append.items():
-            held = self._save(key)
-            if held is _GONE or held is None:
+            held = props.get(key)
+            if held is None:
                 self._put(key, [value])
             elif type(held) is list:
-                self._grow_list(key, held, [value])
+                self.log.append(("extend", held, len(held)))
+                held.append(value)
+                self._list_changed(key, len(held) - 1, len(held), _size(value))
                 index = self.p._index.get(key)
                 if index is not None:
                     index.add(json_key(value))
             else:
                 problems.append(f"$append.{key}: profile value is not a list")
         for key, items in update.union.items():
-            held = self._save(key)
-            if held is _GONE or held is None:
+            held = props.get(key)
+            if held is None:
                 self._put(key, [])
                 held = props[key]
             elif type(held) is not list:
                 problems.append(f"$union.{key}: profile value is not a list")
                 continue
-            index = self.p._index.get(key)
-            if index is None:
-                index = self.p._index[key] = _keys_of(held)
+            index = self._index(key, held)
             added = []
             for item in items:
                 item_key = json_key(item)
                 if item_key not in index:
                     index.add(item_key)
                     added.append(item)
-            self._grow_list(key, held, added)
+            if added:
+                self.log.append(("extend", held, len(held)))
+                held.extend(added)
+                self._list_changed(key, len(held) - len(added), len(held), sum(map(_size, added)))
         for key, value in update.remove.items():
-            held = self._save(key)
-            if held is _GONE or held is None:
+            held = props.get(key)
+            if held is None:
                 continue
             if type(held) is not list:
                 problems.append(f"$remove.{key}: profile value is not a list")
                 continue
-            index = self.p._index.get(key)
+            index = self._index(key, held)
             target = json_key(value)
-            if index is not None and target not in index:
-                continue
-            kept = _without(held, value, target)
-            if len(kept) != len(held):
-                if type(value) in (str, bool) or value is None:
-                    gone = (len(held) - len(kept)) * _size(value)
-                else:  # 1 and 1.0, or objects in another key order: equal, not the same bytes
-                    gone = sum(map(_size, _without(held, value, target, keep=False)))
-                # "[a,b,c]": the items, a comma between two, the brackets.
-                items = self.entries[key] - _size(key) - 1 - 2 - max(len(held) - 1, 0) - gone
-                props[key] = kept
-                self._resize(key, _size(key) + 1 + 2 + items + max(len(kept) - 1, 0))
-            if index is not None:
-                index.discard(target)
+            if target not in index:
+                continue  # nothing to remove: no pass over the list
+            before = len(held)
+            if _scan_safe(value, index):
+                removed = _remove_all(held, value)
+                self.log.append(("removed", held, removed))
+                gone = sum(_size(item) for _, item in removed)
+            else:
+                kept = [item for item in held if type(item) is not type(value) or json_key(item) != target]
+                gone = _size(held) - _size(kept) - max(before - 1, 0) + max(len(kept) - 1, 0)
+                self.log.append(("key", key, held, self.entries.get(key)))
+                props[key] = held = kept
+            index.discard(target)
+            self._list_changed(key, before, len(held), -gone)
         for key in update.unset:
             if key in props:
-                self._save(key)
-                del props[key]
-                self._resize(key, None)
-                self.p._index.pop(key, None)
+                self._assign(key, _GONE)
         return problems
 
     def undo(self) -> None:
         props = self.p.props
-        for key, (value, entry, length) in self.saved.items():
-            if value is _GONE:
-                props.pop(key, None)
-            else:
-                if length is not None:
-                    del value[length:]  # pushed in place
-                props[key] = value
-            self._resize(key, entry)
-            self.p._index.pop(key, None)
+        for entry in reversed(self.log):
+            kind = entry[0]
+            if kind == "key":
+                _, key, value, size = entry
+                if value is _GONE:
+                    props.pop(key, None)
+                else:
+                    props[key] = value
+                self._resize(key, size)
+                self.p._index.pop(key, None)
+            elif kind == "size":
+                self._resize(entry[1], entry[2])
+            elif kind == "extend":
+                del entry[1][entry[2]:]
+            else:  # "removed": put the items back where they were
+                held = entry[1]
+                for position, item in reversed(entry[2]):
+                    held.insert(position, item)
+        # The indexes of lists changed in place no longer match them.
+        for entry in self.log:
+            if entry[0] in ("key", "size"):
+                self.p._index.pop(entry[1], None)
+        self.p._index.clear()
 
 
-def _without(held: list[Any], value: Any, target: Hashable, keep: bool = True) -> list[Any]:
-    """The list without any item equal (as JSON) to `value` (keep=False:
-    only those items)."""
+def _scan_safe(value: Any, index: set[Hashable]) -> bool:
+    """Whether the list's own search (Python's ==) finds exactly the items
+    JSON-equal to `value`: a string or null always; a number when the list
+    holds no boolean, a boolean when it holds no 0 or 1."""
     kind = type(value)
-    if kind is bool or value is None:
-        return [item for item in held if (item is not value) is keep]
-    if kind is str:
-        return [item for item in held if (item != value) is keep]  # only an equal string is equal
+    if kind is str or value is None:
+        return True
     if kind is int or kind is float:
-        return [item for item in held if (item != value or type(item) is bool) is keep]
-    return [item for item in held if (type(item) is not kind or json_key(item) != target) is keep]
+        return (_BOOL, True) not in index and (_BOOL, False) not in index
+    if kind is bool:
+        return 1 not in index and 0 not in index
+    return False
+
+
+def _remove_all(held: list[Any], value: Any) -> list[tuple[int, Any]]:
+    """Remove every occurrence in place (the search and the move in C);
+    the (position, item) of each, in the order removed."""
+    removed: list[tuple[int, Any]] = []
+    start = 0
+    while True:
+        try:
+            position = held.index(value, start)
+        except ValueError:
+            return removed
+        removed.append((position, held[position]))
+        del held[position]
+        start = position
 
 
 def apply_update(
