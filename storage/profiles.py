@@ -201,7 +201,7 @@ class _Step:
                 self.log.append(("removed", held, removed))
                 gone = sum(_size(item) for _, item in removed)
             else:
-                kept = [item for item in held if type(item) is not type(value) or json_key(item) != target]
+                kept = [item for item in held if json_key(item) != target]
                 gone = _size(held) - _size(kept) - max(before - 1, 0) + max(len(kept) - 1, 0)
                 self.log.append(("key", key, held, self.entries.get(key)))
                 props[key] = held = kept
