@@ -98,6 +98,9 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             clock=services.clock,
             admit=sampler.admit,
             lanes=settings.storage.writer_lanes,
+            max_backlog_rows=settings.storage.max_backlog_rows,
+            max_profile_bytes=settings.storage.max_profile_bytes,
+            keep_days=settings.quarantine.keep_days,
         )
         writer.start()
         services.writer = writer

@@ -63,6 +63,12 @@ class StorageConfig(_Base):
     writer_lanes: int = 3
     # Seconds a client is told to wait when the database is unreachable.
     unavailable_retry_after: int = 5
+    # Rows (records and rejections) queued or being written per worker; past
+    # it a request is answered 503 with Retry-After (a request alone always fits).
+    max_backlog_rows: int = 50_000
+    # A profile's properties, encoded as compact JSON; an update that would
+    # grow one past it is not applied and is quarantined (profile_too_large).
+    max_profile_bytes: int = 1_048_576
 
     def __repr__(self) -> str:
         return f"StorageConfig(url={_mask_url(self.url)!r}, ...)"
@@ -121,6 +127,8 @@ class QuarantineConfig(_Base):
     # the first of each minute is always kept.
     per_minute: int = 10
     excerpt_bytes: int = 2048
+    # Rejection rows older than this are deleted (hourly, in small batches); 0 keeps them.
+    keep_days: int = 30
 
 
 DialectsConfig: type[msgspec.Struct] = msgspec.defstruct(
@@ -268,6 +276,8 @@ def _check(settings: Settings) -> None:
             f"admin.keys: the example key {EXAMPLE_ADMIN_KEY!r} must not be used while the admin API "
             f"listens on {where}, a non-loopback address; put a key of your own in admin.keys"
         )
+    if settings.storage.max_profile_bytes < 2:
+        raise ConfigError("storage.max_profile_bytes: must be at least 2 (an empty profile, {})")
     _check_url("storage.url", settings.storage.url, STORAGE_SCHEMES)
     if settings.redis.url:
         _check_url("redis.url", settings.redis.url, REDIS_SCHEMES)
@@ -279,7 +289,7 @@ EXAMPLE_ADMIN_KEY = "adm_change_me"
 STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # Numbers for which 0 means something (every other number must be above 0).
-ZERO_ALLOWED = frozenset({"storage.batch_delay_ms"})
+ZERO_ALLOWED = frozenset({"storage.batch_delay_ms", "quarantine.keep_days"})
 
 
 def _check_numbers(node: msgspec.Struct, path: str) -> None:

@@ -11,6 +11,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from storage.faults import guard_pool
+
 
 class Backend(enum.Enum):
     SQLITE = "sqlite"
@@ -96,15 +98,16 @@ def _sqlite(url: str) -> AsyncEngine:
 
 
 def _postgresql(url: str) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         # The writer holds one connection per flush; the rest serve the admin
         # API and readiness checks.
         pool_size=5,
         max_overflow=5,
-        # No pre-ping (a round trip per transaction on the hot path): a dead
-        # connection fails its flush, is invalidated, and the writer retries
-        # the group once on a fresh one.
+        # No pre-ping (a round trip per transaction on the hot path): a
+        # connection the server closed while idle is replaced at checkout
+        # (guard_pool), one that dies in use fails its flush, and the writer
+        # retries the group once on a fresh one.
         connect_args={
             # Fail fast when the server is down so clients get a 503 quickly.
             "timeout": 5,
@@ -114,3 +117,5 @@ def _postgresql(url: str) -> AsyncEngine:
         },
         **JSON_CODEC,
     )
+    guard_pool(engine)
+    return engine

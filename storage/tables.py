@@ -104,4 +104,6 @@ rejections = Table(
     Column("excerpt", Text, nullable=False),
     Column("received_at", BigInteger, nullable=False),
     Index(None, "project", "source", "reason"),
+    # Expiry deletes by age (quarantine.keep_days).
+    Index(None, "received_at"),
 )

@@ -286,7 +286,9 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
     import asyncpg
 
     from storage.engine import Backend
-    from storage.writer import _lock_key, _Pending, _Transaction
+    from storage.groups import Pending
+    from storage.sql import lock_key
+    from storage.transaction import Transaction
 
     engine = create_engine(postgres_backend["storage_url"])
     await upgrade(engine)
@@ -295,14 +297,14 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
     touch = ProfileUpdate(project="shop", source="client", distinct_id="p-1", time=1, set={"plan": "pro"})
     try:
         async with engine.begin() as conn:
-            tx = _Transaction(conn, Backend.POSTGRESQL, now=1)
+            tx = Transaction(conn, Backend.POSTGRESQL, now=1)
             tx.driver = (await conn.get_raw_connection()).driver_connection
             assert not tx._straight()  # nothing sent yet: no block open
-            group = [_Pending([touch], [], None)]
+            group = [Pending([touch], [], None)]
             await tx.lock_projects(group)  # through SQLAlchemy, which opens the block
             assert tx._straight()
             # The lock is this transaction's until it ends.
-            assert not await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", _lock_key("shop"))
+            assert not await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("shop"))
             await tx.prefetch(group)
             await tx.profile(touch)
             await tx.save_profiles()
@@ -310,7 +312,7 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
             assert await other.fetchval("SELECT count(*) FROM profiles WHERE distinct_id = 'p-1'") == 0
         assert await other.fetchval("SELECT properties::text FROM profiles WHERE distinct_id = 'p-1'") == (
             '{"plan": "pro"}')
-        assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", _lock_key("shop"))
+        assert await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("shop"))
     finally:
         await other.close()
         await engine.dispose()
@@ -413,12 +415,12 @@ class _ProfileLock:
     async def __aenter__(self):
         import asyncpg
 
-        from storage.writer import _lock_key
+        from storage.sql import lock_key
 
         self.conn = await asyncpg.connect(self.dsn)
         self.tx = self.conn.transaction()
         await self.tx.start()
-        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key("shop"))
+        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key("shop"))
         return self
 
     async def waiters(self, wanted: int) -> list[int]:
@@ -476,7 +478,8 @@ async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction
     """Cancelled on our side while it waits (the lock may still be granted
     to the backend afterwards): the connection is dropped, so no session is
     left holding the lock, and the next group gets a fresh one."""
-    from storage.writer import PgEvents, _lock_key
+    from storage.direct import PgEvents
+    from storage.sql import lock_key
 
     engine = create_engine(postgres_backend["storage_url"])
     await upgrade(engine)
@@ -491,8 +494,8 @@ async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction
                 await waiting
             await lock.release()
             # Nobody else holds or waits for it: an exclusive take succeeds at once.
-            assert await lock.conn.fetchval("SELECT pg_try_advisory_lock($1)", _lock_key("shop"))
-            await lock.conn.execute("SELECT pg_advisory_unlock($1)", _lock_key("shop"))
+            assert await lock.conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key("shop"))
+            await lock.conn.execute("SELECT pg_advisory_unlock($1)", lock_key("shop"))
             await lock.conn.execute("SELECT pg_stat_clear_snapshot()")
             idle_in_tx = await lock.conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' "

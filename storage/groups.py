@@ -1,0 +1,143 @@
+"""The group of requests the writer commits together, and the pure steps
+that plan and settle it (shared by every write path)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from gateway.model import AliasOutcome, Event, ProfileUpdate, Record, Rejection
+from storage.engine import json_text
+
+
+class Written:
+    """What one request's records did, as counted inside the transaction."""
+
+    __slots__ = ("inserted", "duplicates", "applied", "aliases", "new_keys")
+
+    def __init__(self) -> None:
+        self.inserted = 0
+        self.duplicates = 0
+        self.applied = 0
+        self.aliases: list[AliasOutcome] = []
+        # (project, source, insert_id) of the events this request stored.
+        self.new_keys: list[tuple[str, str, str]] = []
+
+
+class Pending:
+    __slots__ = ("records", "rejections", "future", "rows")
+
+    def __init__(
+        self,
+        records: list[Record],
+        rejections: list[Rejection],
+        future: asyncio.Future[Written] | None,
+    ) -> None:
+        self.records = records
+        self.rejections = rejections
+        self.future = future
+        self.rows = len(records) + len(rejections)
+
+
+# Ids per IN list and rows per multi-row upsert in the identity, profile and
+# device writes: 500 rows of at most 11 columns stay far under SQLite's
+# 32766 bound values.
+_CHUNK = 500
+
+_T = TypeVar("_T")
+
+
+def chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def clean(text_: str | None) -> str | None:
+    """U+0000 -> U+FFFD in text columns: PostgreSQL's text type refuses NUL,
+    and both backends must store the same thing."""
+    if text_ is not None and "\x00" in text_:
+        return text_.replace("\x00", "\ufffd")
+    return text_
+
+
+def sqlite_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    # A request's events share one context dict: encode it once.
+    contexts: dict[int, str] = {}
+    rows = []
+    for event in events:
+        context = contexts.get(id(event.context))
+        if context is None:
+            context = contexts[id(event.context)] = json_text(event.context)
+        rows.append((
+            event.project,
+            event.source,
+            clean(event.name),
+            clean(event.distinct_id),
+            clean(event.anonymous_id),
+            clean(event.user_id),
+            event.time,
+            event.received_at,
+            clean(event.insert_id),
+            clean(event.session_id),
+            json_text(event.properties),
+            context,
+            event.consent,
+        ))
+    return rows
+
+
+def plan_events(group: list[Pending], results: list[Written]) -> tuple[list[Event], dict[tuple[str, str, str], int]]:
+    """The group's events to insert, and which request owns each insert id
+    (the first to name it; a later copy in the same group is a duplicate)."""
+    fresh: list[Event] = []
+    owner: dict[tuple[str, str, str], int] = {}
+    for index, (pending, written) in enumerate(zip(group, results)):
+        for record in pending.records:
+            if type(record) is not Event:
+                continue
+            event: Event = record  # type: ignore[assignment]
+            if event.insert_id is not None:
+                key = (event.project, event.source, clean(event.insert_id))
+                if key in owner:
+                    written.duplicates += 1
+                    continue
+                owner[key] = index
+            else:
+                written.inserted += 1
+            fresh.append(event)
+    return fresh, owner
+
+
+def settle_events(
+    owner: dict[tuple[str, str, str], int], stored: set[tuple[str, str, str]] | None, results: list[Written]
+) -> None:
+    """Count each keyed event as inserted or duplicate; `stored` None: all new."""
+    for key, index in owner.items():
+        if stored is None or key in stored:
+            results[index].inserted += 1
+            results[index].new_keys.append(key)
+        else:
+            results[index].duplicates += 1
+
+
+def is_touch(record: Record) -> bool:
+    """A profile update that only marks its person seen: created empty when
+    missing, else only its updated_at moves."""
+    return (
+        type(record) is ProfileUpdate and record.touch  # type: ignore[union-attr]
+        and not record.delete and not _changes(record)  # type: ignore[union-attr, arg-type]
+    )
+
+
+def is_noop(update_: ProfileUpdate) -> bool:
+    """`$delete: false` alone, say: nothing to apply, so nothing is created."""
+    return not (update_.touch or _changes(update_))
+
+
+def _changes(update_: ProfileUpdate) -> bool:
+    return bool(
+        update_.set_once or update_.set or update_.add or update_.append
+        or update_.union or update_.remove or update_.unset
+    )
+

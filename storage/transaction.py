@@ -1,0 +1,394 @@
+"""Identity, profile and device work inside one transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, assert_never
+
+import msgspec
+from sqlalchemy import Text, any_, bindparam, delete, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from gateway.model import Alias, AliasOutcome, Device, Event, ProfileUpdate, Rejection
+from storage import tables
+from storage.engine import Backend, json_text
+from storage.groups import Pending, Written, chunks, clean, is_noop, plan_events, settle_events, sqlite_rows
+from storage.profiles import Profile
+from storage.sql import (
+    PG_INSERT,
+    PG_LINKS,
+    PG_LOCK,
+    PG_PROFILES,
+    PG_PROFILES_UPSERT,
+    SQLITE_INSERT,
+    SQLITE_ROW,
+    SQLITE_ROWS,
+    lock_key,
+)
+
+# Seconds of profile work between two chances for the event loop.
+_SLICE = 0.005
+
+
+def _insert(backend: Backend, table: Any) -> Any:
+    if backend is Backend.POSTGRESQL:
+        return postgresql.insert(table)
+    if backend is Backend.SQLITE:
+        return sqlite.insert(table)
+    assert_never(backend)
+
+
+class Transaction:
+    """Identity, profile and device work inside one transaction.
+
+    Set-based, so a group costs a few round trips whatever its size: the
+    links and profiles the group's records name are read up front in one
+    query each (`prefetch`), records then apply one by one, in arrival order,
+    against these caches, and profiles and devices are written once at the
+    end, however many operations touched them, one statement for each kind of
+    change. Only an alias merge may still read an id nobody named.
+    """
+
+    def __init__(self, conn: AsyncConnection, backend: Backend, now: int, max_profile_bytes: int = 1_048_576) -> None:
+        self.conn = conn
+        self.backend = backend
+        self.now = now
+        self.max_profile_bytes = max_profile_bytes
+        # The profiles updates were applied to, their sizes kept (same dicts
+        # as in `_profiles`), and when the event loop was last let go.
+        self._sized: dict[tuple[str, str], Profile] = {}
+        self._since_yield = time.perf_counter()
+        # PostgreSQL: the asyncpg connection under `conn`. Once SQLAlchemy
+        # has opened the transaction block, the statements every group of
+        # identity and profile work runs (the lock, the prefetch, the profile
+        # upsert) go to it straight, in the same block: a third of the CPU
+        # through SQLAlchemy, and no statement compiled per group.
+        self.driver: Any = None
+        self.rejections: list[Rejection] = []
+        self._links: dict[tuple[str, str], str | None] = {}  # id -> person, None: no link
+        self._profiles: dict[tuple[str, str], dict[str, Any] | None] = {}
+        self._loaded: set[tuple[str, str]] = set()  # rows that exist in the table
+        self._dirty: set[tuple[str, str]] = set()
+        # (project, device id) -> the row to upsert at the end of the transaction.
+        self._devices: dict[tuple[str, str], dict[str, Any]] = {}
+
+    async def events(self, group: list[Pending], results: list[Written]) -> None:
+        fresh, owner = plan_events(group, results)
+        if fresh:
+            settle_events(owner, await self._insert_events(fresh), results)
+
+    async def _insert_events(self, events: list[Event]) -> set[tuple[str, str, str]]:
+        """Bulk insert, skipping known insert ids; returns the keys stored.
+
+        Driver-level SQL: the same statement for every batch, nothing for
+        SQLAlchemy to compile per row (this is the hot path).
+        """
+        stored: set[tuple[str, str, str]] = set()
+        if self.backend is Backend.POSTGRESQL and self._straight():
+            rows = await self.driver.fetch(PG_INSERT, json_text(events))
+            stored.update((p, s, i) for p, s, i in rows if i is not None)
+        elif self.backend is Backend.POSTGRESQL:
+            # json_text also turns U+0000 into U+FFFD in every string at once.
+            result = await self.conn.exec_driver_sql(PG_INSERT, (json_text(events),))
+            stored.update((p, s, i) for p, s, i in result.all() if i is not None)
+        elif self.backend is Backend.SQLITE:
+            rows = sqlite_rows(events)
+            for start in range(0, len(rows), SQLITE_ROWS):
+                chunk = rows[start : start + SQLITE_ROWS]
+                sql = SQLITE_INSERT.format(values=",".join([SQLITE_ROW] * len(chunk)))
+                flat = tuple(value for row in chunk for value in row)
+                result = await self.conn.exec_driver_sql(sql, flat)
+                stored.update((p, s, i) for p, s, i in result.all() if i is not None)
+        else:
+            assert_never(self.backend)
+        return stored
+
+    async def lock_projects(self, group: list[Pending]) -> None:
+        if self.backend is not Backend.POSTGRESQL:
+            return  # SQLite: BEGIN IMMEDIATE already holds the only write lock
+        projects = sorted({r.project for p in group for r in p.records if type(r) is not Event})
+        for project in projects:
+            if self._straight():
+                await self.driver.execute(PG_LOCK, lock_key(project))
+            else:
+                await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(project)})
+
+    def _straight(self) -> bool:
+        """Whether a statement may go to the driver: only inside the block
+        SQLAlchemy opened (its first statement opens it; before that, a
+        statement on the driver would run and commit on its own)."""
+        return self.driver is not None and self.driver.is_in_transaction()
+
+    def _among(self, column: Any, values: Sequence[str]) -> Any:
+        """`column IN values`. PostgreSQL gets one array parameter instead,
+        so the statement text, hence its prepared statement, is the same
+        whatever the count."""
+        if self.backend is Backend.POSTGRESQL:
+            return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(Text)))
+        return column.in_(values)
+
+    async def prefetch(self, group: list[Pending]) -> None:
+        """Fill the link and profile caches for every id the group's identity
+        and profile records name: one query for their links, then one for the
+        profiles of the persons they resolve to (per project and chunk of
+        ids), instead of a round trip per id and per person."""
+        named: dict[str, set[str]] = {}
+        for pending in group:
+            for record in pending.records:
+                if isinstance(record, ProfileUpdate):
+                    ids = [record.distinct_id]
+                elif isinstance(record, Alias):
+                    ids = [record.alias, record.distinct_id]
+                else:
+                    continue
+                named.setdefault(record.project, set()).update(clean(i) for i in ids)  # type: ignore[misc]
+        for project, ids_ in sorted(named.items()):
+            for chunk in chunks(sorted(ids_)):
+                found = await self._links_of(project, chunk)
+                for id_ in chunk:
+                    self._links[(project, id_)] = found.get(id_)  # None: no link yet
+            persons = sorted({self._links[(project, i)] or i for i in ids_})
+            for chunk in chunks(persons):
+                found = await self._profiles_of(project, chunk)
+                for person in chunk:
+                    self._profiles[(project, person)] = found.get(person)  # None: no profile
+                    if person in found:
+                        self._loaded.add((project, person))
+
+    async def _links_of(self, project: str, ids: Sequence[str]) -> dict[str, str]:
+        if self._straight():
+            return dict(await self.driver.fetch(PG_LINKS, project, ids))
+        a = tables.aliases
+        rows = await self.conn.execute(
+            select(a.c.alias, a.c.person).where(a.c.project == project, self._among(a.c.alias, ids))
+        )
+        return dict(rows.all())  # type: ignore[arg-type]
+
+    async def _profiles_of(self, project: str, persons: Sequence[str]) -> dict[str, dict[str, Any]]:
+        if self._straight():
+            rows = await self.driver.fetch(PG_PROFILES, project, persons)
+            return {person: msgspec.json.decode(props) for person, props in rows}
+        p = tables.profiles
+        result = await self.conn.execute(
+            select(p.c.distinct_id, p.c.properties).where(
+                p.c.project == project, self._among(p.c.distinct_id, persons)
+            )
+        )
+        return dict(result.all())  # type: ignore[arg-type]
+
+    async def _link(self, project: str, id_: str) -> str | None:
+        key = (project, id_)
+        if key not in self._links:
+            a = tables.aliases
+            row = await self.conn.execute(
+                select(a.c.person).where(a.c.project == project, a.c.alias == id_)
+            )
+            self._links[key] = row.scalar()
+        return self._links[key]
+
+    async def resolve(self, project: str, id_: str) -> str:
+        return await self._link(project, id_) or id_
+
+    async def _profile(self, project: str, person: str) -> dict[str, Any] | None:
+        key = (project, person)
+        if key not in self._profiles:
+            p = tables.profiles
+            row = await self.conn.execute(
+                select(p.c.properties).where(p.c.project == project, p.c.distinct_id == person)
+            )
+            props = row.scalar()
+            self._profiles[key] = props
+            if props is not None:
+                self._loaded.add(key)
+        return self._profiles[key]
+
+    def _put_profile(self, project: str, person: str, props: dict[str, Any] | None) -> None:
+        self._profiles[(project, person)] = props
+        self._dirty.add((project, person))
+
+    async def profile(self, update_: ProfileUpdate) -> None:
+        person = await self.resolve(update_.project, clean(update_.distinct_id))  # type: ignore[arg-type]
+        current = await self._profile(update_.project, person)
+        if current is None and (update_.delete or is_noop(update_)):
+            return
+        key = (update_.project, person)
+        if update_.delete:
+            self._put_profile(update_.project, person, None)
+            return
+        profile = self._sized.get(key)
+        if profile is None or profile.props is not current:
+            profile = self._sized[key] = Profile(current if current is not None else {})
+        problems, refused = profile.apply(update_, self.max_profile_bytes)
+        if refused is None:
+            self._put_profile(update_.project, person, profile.props)
+        else:
+            self.rejections.append(
+                Rejection(
+                    project=update_.project,
+                    source=update_.source,
+                    reason="profile_too_large",
+                    detail=f"{update_.distinct_id}: the update would make the profile {refused} bytes, "
+                    f"over the limit of {self.max_profile_bytes}; not applied",
+                    received_at=update_.time,
+                )
+            )
+        await self._breathe()
+        for problem in problems:
+            self.rejections.append(
+                Rejection(
+                    project=update_.project,
+                    source=update_.source,
+                    reason="profile_type_mismatch",
+                    detail=f"{update_.distinct_id}: {problem}",
+                    received_at=update_.time,
+                )
+            )
+
+    async def _breathe(self) -> None:
+        """Let the event loop serve other requests every few milliseconds of
+        profile work: a request of many operations on large lists takes
+        time linear in them, but never holds the loop for all of it."""
+        if time.perf_counter() - self._since_yield > _SLICE:
+            await asyncio.sleep(0)
+            self._since_yield = time.perf_counter()
+
+    async def alias(self, record: Alias) -> AliasOutcome:
+        project = record.project
+        a, d = clean(record.alias), clean(record.distinct_id)
+        assert a is not None and d is not None
+        if a == d:
+            return "self"
+        linked = await self._link(project, a)
+        target = await self.resolve(project, d)
+        if linked is not None:
+            outcome: AliasOutcome = "exists" if linked == target else "conflict"
+        elif target == a:
+            outcome = "cycle"
+        else:
+            outcome = "linked"
+        if outcome in ("conflict", "cycle"):
+            if not record.strict:
+                self.rejections.append(
+                    Rejection(
+                        project=project,
+                        source=record.source,
+                        reason=f"alias_{outcome}",
+                        detail=f"{a} -> {d}: " + (
+                            "already linked to another person" if outcome == "conflict" else "would make a cycle"
+                        ),
+                        received_at=self.now,
+                    )
+                )
+            return outcome
+        if outcome == "exists":
+            return outcome
+        t = tables.aliases
+        # `a` was a root: its whole tree now belongs to `target`.
+        await self.conn.execute(
+            update(t).where(t.c.project == project, t.c.person == a).values(person=target)
+        )
+        await self.conn.execute(
+            t.insert().values(
+                project=project, alias=a, distinct_id=d, person=target,
+                source=record.source, created_at=self.now,
+            )
+        )
+        for key, person in self._links.items():
+            if key[0] == project and person == a:
+                self._links[key] = target
+        self._links[(project, a)] = target
+        absorbed = await self._profile(project, a)
+        if absorbed is not None:
+            kept = await self._profile(project, target) or {}
+            self._put_profile(project, target, {**absorbed, **kept})
+            self._put_profile(project, a, None)
+        return outcome
+
+    def device(self, record: Device) -> None:
+        """Queue a registration; `save_devices` writes them all at the end."""
+        values = {
+            "project": record.project,
+            "device_id": clean(record.device_id),
+            "distinct_id": clean(record.distinct_id),
+            "source": record.source,
+            "push_token": clean(record.push_token),
+            "os": clean(record.os),
+            "os_version": clean(record.os_version),
+            "model": clean(record.model),
+            "app_build": clean(record.app_build),
+            "app_version": clean(record.app_version),
+            "updated_at": self.now,
+        }
+        # Keyed by device: the last registration in the group wins, as when
+        # each was its own upsert (and one PostgreSQL upsert statement may not
+        # update the same row twice).
+        self._devices[(values["project"], values["device_id"])] = values
+
+    async def save_devices(self) -> None:
+        rows = [self._devices[k] for k in sorted(self._devices)]
+        if rows:
+            await self._upsert(tables.devices, rows, ("project", "device_id"))
+
+    async def save_profiles(self) -> None:
+        """One upsert for the profiles created or changed (a new row gets
+        created_at, an existing one keeps its own), one DELETE for those
+        deleted; sorted, so that rows are always taken in the same order."""
+        upserts: list[dict[str, Any]] = []
+        deletes: dict[str, list[str]] = {}
+        for project, person in sorted(self._dirty):
+            props = self._profiles[(project, person)]
+            if props is not None:
+                upserts.append(
+                    {
+                        "project": project, "distinct_id": person, "properties": props,
+                        "created_at": self.now, "updated_at": self.now,
+                    }
+                )
+            elif (project, person) in self._loaded:
+                deletes.setdefault(project, []).append(person)
+            # else: created and deleted within this transaction, no row to touch.
+        p = tables.profiles
+        for project, persons in deletes.items():
+            for chunk in chunks(persons):
+                await self.conn.execute(
+                    delete(p).where(p.c.project == project, self._among(p.c.distinct_id, chunk))
+                )
+        if upserts and self._straight():
+            for chunk in chunks(upserts):
+                await self.driver.execute(PG_PROFILES_UPSERT, json_text(chunk))
+        elif upserts:
+            await self._upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
+
+    async def _upsert(
+        self, table: Any, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()
+    ) -> None:
+        """Multi-row INSERT ... ON CONFLICT (key) DO UPDATE of every column
+        but the key and `keep`. Each key must appear once in `rows`:
+        PostgreSQL refuses to update a row twice in one statement."""
+        for chunk in chunks(rows):
+            stmt = _insert(self.backend, table).values(list(chunk))
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(key),
+                set_={c: stmt.excluded[c] for c in chunk[0] if c not in key and c not in keep},
+            )
+            await self.conn.execute(stmt)
+
+    async def rejections_insert(self, rows: list[Rejection]) -> None:
+        await self.conn.execute(
+            tables.rejections.insert(),
+            [
+                {
+                    "project": r.project,
+                    "source": r.source,
+                    "reason": r.reason,
+                    "detail": r.detail,
+                    "excerpt": r.excerpt,
+                    "received_at": r.received_at or self.now,
+                }
+                for r in rows
+            ],
+        )
+
