@@ -298,7 +298,7 @@ def main() -> int:
     parser.add_argument("--bomb-kb", type=int, default=1)
     parser.add_argument("--uploads", type=int, default=60)
     parser.add_argument("--union-bytes", type=int, default=1_048_000)
-    parser.add_argument("--heavy-timeout", type=float, default=120.0, help="seconds a heavy request may take")
+    parser.add_argument("--heavy-timeout", type=float, default=300.0, help="seconds a heavy request may take")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: cpu,rss,healthz,engage")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
