@@ -35,6 +35,7 @@ from dialects.base import (
     bearer,
     json_reply,
 )
+from dialects.limits import TOO_DEEP, deep_record, deep_record_raw, deep_records
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
@@ -149,8 +150,10 @@ class Collect(Dialect):
         single, batch = self.config.max_request_bytes, self.config.max_batch_bytes
         endpoints = []
         for prefix in ("", "/cdp"):
-            endpoints.append(Endpoint(path=f"{prefix}/events", name="event", methods=("GET", "POST"), max_body=single))
-            endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch))
+            # Never 429 (the contract): not under `[limits] per_ip`.
+            endpoints.append(Endpoint(path=f"{prefix}/events", name="event", methods=("GET", "POST"),
+                                      max_body=single, per_ip=False))
+            endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch, per_ip=False))
         return endpoints
 
     def _project(self, request: Incoming) -> str | None:
@@ -160,20 +163,34 @@ class Collect(Dialect):
         if key is not None:
             token = key
         site = query.get("tc_s", "").strip()
-        if not token or not site.isdigit():
+        if not token or not _digits(site, 18):
             return None
         return self.credentials.get((int(site), token))
 
     def translate(self, request: Incoming) -> Batch | Failure:
+        too_deep: int | None = None  # a record nested too deep, found before decoding
         if request.method == "GET":
             body: Any = pixel_payload(request.query)
+            if deep_record(None, [body]) is not None:
+                # Bracket notation nested too deep: quarantined (answered
+                # with the pixel, as everything else), the query as excerpt.
+                query = "&".join(f"{k}={v}" for k, v in request.query if k not in ("tc_s", "token"))
+                return self._dropped("too_deep", TOO_DEEP, query.encode(), request)
             raw = _encode(body)
         else:
-            try:
-                body = _decode(request.body)
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-                return Failure(kind="bad_request", message="invalid JSON")
             raw = request.body
+            try:
+                body = _decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                return Failure(kind="bad_request", message="invalid JSON")
+            except RecursionError:
+                # Valid JSON deeper than the decoder follows: not an error
+                # for the caller, quarantined whole (it cannot be split).
+                too_deep = deep_record_raw(raw, ("batch",) if request.endpoint == "batch" else ())
+                if too_deep is None:
+                    return Failure(kind="bad_request", message="invalid JSON")
+                where = f"batch[{too_deep}]: " if request.endpoint == "batch" and too_deep >= 0 else ""
+                return self._dropped("too_deep", where + TOO_DEEP, raw, request)
         project = self._project(request)
         if project is None:
             return Batch(rejections=[self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)])
@@ -183,17 +200,24 @@ class Collect(Dialect):
                 return Batch(rejections=[self._reject(project, "not_a_batch", "body has no batch array", raw, request)])
         else:
             items = [body]
+        deep = set(deep_records(raw, items))
         batch = Batch()
         for index, item in enumerate(items):
             where = f"batch[{index}]: " if request.endpoint == "batch" else ""
             try:
+                if index in deep:
+                    raise Dropped("too_deep", TOO_DEEP)
                 if request.endpoint == "batch" and len(encoded := _encode(item)) > self.config.max_event_bytes:
                     raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
                 batch.records += self._event(item, project, request)
             except Dropped as dropped:
-                excerpt = _encode(item) if request.endpoint == "batch" else raw
+                excerpt = _encode(item) if request.endpoint == "batch" and index not in deep else raw
                 batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
         return batch
+
+    def _dropped(self, reason: str, detail: str, raw: bytes, request: Incoming) -> Batch:
+        """The whole request quarantined, under its project when it has one."""
+        return Batch(rejections=[self._reject(self._project(request), reason, detail, raw, request)])
 
     def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming) -> Rejection:
         return Rejection(
@@ -272,8 +296,12 @@ class Collect(Dialect):
             if result.kind == "too_large":
                 return json_reply(400, {"error": "request too large"})
             if result.kind == "unavailable":
-                # Storage is down: the one case where 200 would lose data.
+                # Storage is down, or the worker full: the one case where
+                # 200 would lose data.
                 return json_reply(503, {"error": "service unavailable"}, (("retry-after", str(result.retry_after or 5)),))
+            # Internal errors, and limits this dialect is never put under:
+            # never a 200 for data not kept.
+            return json_reply(500, {"error": "internal error"})
         if request.method == "GET":
             return Reply(status=200, body=PIXEL, content_type="image/gif", headers=(("cache-control", "no-store"),))
         return json_reply(200, {"status": "ok"})

@@ -31,6 +31,7 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
+from dialects.limits import TOO_DEEP, deep_record, deep_record_raw
 from gateway.model import Alias, Event, Record
 
 MB = 1024 * 1024
@@ -97,7 +98,7 @@ class Inslytic(Dialect):
     def endpoints(self) -> Sequence[Endpoint]:
         return (
             Endpoint(path="/v1/ingest", name="ingest", max_body=self.config.max_body_bytes),
-            Endpoint(path="/health", name="health", methods=("GET",), max_body=0),
+            Endpoint(path="/health", name="health", methods=("GET",), max_body=0, per_ip=False),
         )
 
     def project_limit(self, project: str) -> TokenBucket | None:
@@ -105,17 +106,31 @@ class Inslytic(Dialect):
         capacity = override if override is not None else self.config.events_per_minute
         return TokenBucket(capacity=capacity, per_seconds=60)
 
+    def _project(self, request: Incoming) -> str | None:
+        key = bearer(request)
+        return None if key is None else self.credentials.get(key)
+
+    def precheck(self, request: Incoming) -> Failure | None:
+        if request.endpoint != "health" and self._project(request) is None:
+            return Failure(kind="unauthorized", message="Invalid API key")
+        return None
+
     def translate(self, request: Incoming) -> Batch | Failure:
         if request.endpoint == "health":
             return Batch()
-        key = bearer(request)
-        project = None if key is None else self.credentials.get(key)
+        project = self._project(request)
         if project is None:
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
             body = _decode(request.body)
-        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return _invalid(["Invalid JSON"])
+        except RecursionError:
+            # Deeper than msgspec follows: find the event in the raw bytes.
+            index = deep_record_raw(request.body, ("events",))
+            if index is None:
+                return _invalid(["Invalid JSON"])
+            return _invalid([_too_deep(index)])
         items = body.get("events") if type(body) is dict else None
         if type(items) is not list:
             return _invalid(["events must be an array"])
@@ -123,6 +138,8 @@ class Inslytic(Dialect):
             return _invalid(["events must contain at least 1 event"])
         if len(items) > self.config.max_events:
             return _invalid([f"events must contain at most {self.config.max_events} events"])
+        if (index := deep_record(request.body, items)) is not None:
+            return _invalid([_too_deep(index)])
         problems: list[str] = []
         records: list[Record] = []
         for index, item in enumerate(items):
@@ -228,8 +245,14 @@ class Inslytic(Dialect):
             "rate_limited": (429, "Rate limit exceeded"),
             "unavailable": (503, "Service unavailable"),
             "unstorable": (400, "Validation failed"),
+            "internal": (500, "Internal server error"),
         }[result.kind]
         return json_reply(status, {"error": message}, retry_after_headers(result))
+
+
+def _too_deep(index: int) -> str:
+    where = f"Event {index}:" if index >= 0 else "body:"
+    return f"{where} {TOO_DEEP}"
 
 
 def _invalid(problems: list[str]) -> Failure:

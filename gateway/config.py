@@ -19,6 +19,7 @@ import msgspec
 from msgspec import Meta
 
 from dialects import REGISTRY
+from dialects.base import SlidingWindow
 
 ENV_PREFIX = "DIALGATE_"
 
@@ -40,6 +41,9 @@ class ServerConfig(_Base):
     read_timeout: int = 30
     # Seconds in-flight requests get to finish on shutdown.
     graceful_timeout: int = 10
+    # Request body bytes one worker admits at once (declared Content-Length,
+    # or bytes read so far when chunked); past it: 503 with Retry-After.
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
 
 class StorageConfig(_Base):
@@ -108,6 +112,13 @@ class QuarantineConfig(_Base):
     excerpt_bytes: int = 2048
 
 
+class LimitsConfig(_Base):
+    # At most `requests` per client IP in any `per_seconds` on every
+    # ingestion endpoint that may answer 429 (not collect, not /health);
+    # beside the dialects' own limits. None: off.
+    per_ip: SlidingWindow | None = None
+
+
 DialectsConfig: type[msgspec.Struct] = msgspec.defstruct(
     "DialectsConfig",
     [(d.name, d.Config, msgspec.field(default_factory=d.Config)) for d in REGISTRY],
@@ -123,6 +134,7 @@ class Settings(_Base):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     projects: list[ProjectConfig] = []
     dialects: DialectsConfig = msgspec.field(default_factory=DialectsConfig)  # type: ignore[valid-type]
 
@@ -247,6 +259,11 @@ def _check(settings: Settings) -> None:
         raise ConfigError("admin.keys: empty key")
     if settings.storage.writer_lanes < 1:
         raise ConfigError("storage.writer_lanes: must be at least 1")
+    if settings.server.max_inflight_bytes < 1:
+        raise ConfigError("server.max_inflight_bytes: must be at least 1")
+    per_ip = settings.limits.per_ip
+    if per_ip is not None and (per_ip.requests < 1 or per_ip.per_seconds < 1):
+        raise ConfigError("limits.per_ip: requests and per_seconds must be at least 1")
     if settings.storage.batch_max_rows < 1:
         raise ConfigError("storage.batch_max_rows: must be at least 1")
 
