@@ -32,7 +32,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -247,7 +247,7 @@ class Client(Dialect):
             return Failure(kind="unauthorized", message="Authorization error.")
         events = request.endpoint == "events"
         try:
-            body = msgspec.json.decode(request.body)
+            body, shallow = decode_json(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError):
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
         except RecursionError:
@@ -261,8 +261,9 @@ class Client(Dialect):
             limit = self.config.max_events
             problem = f"body: {len(body)} events, at most {limit} per request"
             return Failure(kind="too_large", message=problem, details=(problem,))
-        if (index := deep_record(request.body, body if events and type(body) is list else [body])) is not None:
-            return _too_deep(index if events and type(body) is list else None)
+        records = body if events and type(body) is list else [body]
+        if not shallow and (index := deep_record(request.body, records)) is not None:
+            return _too_deep(index if records is body else None)
         problems: list[str] = []
         records = getattr(self, "_" + request.endpoint)(body, problems, request, project)
         if problems:

@@ -30,7 +30,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, Shallow, decode_json, deep_record, deep_record_raw
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -43,14 +43,14 @@ _LIFTED = frozenset({"distinct_id", "time", "$insert_id", "token"})
 _IGNORED_MODIFIERS = frozenset({"$ip", "$time", "$ignore_time", "$ignore_alias"})
 _VERBS = ("$set_once", "$set", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 
-_decode = msgspec.json.Decoder().decode
-
 
 class _TrackItem(msgspec.Struct):
-    """The shape of a valid /track event (other top-level keys are ignored)."""
+    """The shape of a valid /track event (other top-level keys are ignored);
+    properties nested deeper than `Shallow` go to the general path, which
+    checks the nesting limit."""
 
     event: str
-    properties: dict[str, Any]
+    properties: dict[str, Shallow]
 
 
 _decode_track = msgspec.json.Decoder(list[_TrackItem] | _TrackItem).decode
@@ -109,7 +109,7 @@ class Cohorly(Dialect):
 
     def _translate_general(self, request: Incoming) -> Batch | Failure:
         try:
-            body = _decode(request.body)
+            body, shallow = decode_json(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError):
             # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
             return Failure(kind="bad_request", message="invalid JSON")
@@ -123,11 +123,11 @@ class Cohorly(Dialect):
         header_token = request.headers.get("x-cohorly-token")
         try:
             if request.endpoint == "alias":
-                if deep_record(request.body, [body]) is not None:
+                if not shallow and deep_record(request.body, [body]) is not None:
                     return _too_deep(None)
                 return self._alias(body, header_token)
             items, batched = self._items(body)
-            if (index := deep_record(request.body, items)) is not None:
+            if not shallow and (index := deep_record(request.body, items)) is not None:
                 return _too_deep(index if batched else None)
             translate = self._event if request.endpoint == "track" else self._engage
             # One context for every event of the request (the records never change it).
@@ -159,8 +159,6 @@ class Cohorly(Dialect):
             return None
         items = body if type(body) is list else [body]
         if not items or len(items) > self.config.max_batch:
-            return None
-        if deep_record(request.body, [item.properties for item in items], level=2) is not None:
             return None
         header_token = request.headers.get("x-cohorly-token")
         credentials = self.credentials

@@ -35,7 +35,7 @@ from dialects.base import (
     bearer,
     json_reply,
 )
-from dialects.limits import TOO_DEEP, deep_record, deep_record_raw, deep_records
+from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw, deep_records
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
@@ -49,7 +49,6 @@ _ROOT_CONTEXT = ("page", "device", "app", "version")
 _MAX_TIME_MS = 253_402_300_799_999
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 
 class CollectConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -75,10 +74,10 @@ def _iso_ms(value: Any) -> int | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)  # tags send UTC
+        moment = moment.replace(tzinfo=dt.UTC)  # tags send UTC
     # Exact integer arithmetic: timestamp() * 1000 is a float and can land
     # 1 ms early (2004-09-27T11:29:40.238Z gave ...237).
-    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(milliseconds=1)
+    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
     return ms if 0 <= ms <= _MAX_TIME_MS else None
 
 
@@ -117,7 +116,7 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             following = parts[index + 1] if not last else None
-            make = (lambda: []) if following is not None and _digits(following, 9) else (lambda: {})
+            make = (list) if following is not None and _digits(following, 9) else (dict)
             if isinstance(node, list):
                 slot = int(part) if _digits(part, 9) else len(node)
                 if slot - len(node) > spare:
@@ -168,7 +167,7 @@ class Collect(Dialect):
         return self.credentials.get((int(site), token))
 
     def translate(self, request: Incoming) -> Batch | Failure:
-        too_deep: int | None = None  # a record nested too deep, found before decoding
+        shallow = False
         if request.method == "GET":
             body: Any = pixel_payload(request.query)
             if deep_record(None, [body]) is not None:
@@ -180,7 +179,7 @@ class Collect(Dialect):
         else:
             raw = request.body
             try:
-                body = _decode(raw)
+                body, shallow = decode_json(raw)
             except (msgspec.DecodeError, UnicodeDecodeError):
                 return Failure(kind="bad_request", message="invalid JSON")
             except RecursionError:
@@ -200,7 +199,7 @@ class Collect(Dialect):
                 return Batch(rejections=[self._reject(project, "not_a_batch", "body has no batch array", raw, request)])
         else:
             items = [body]
-        deep = set(deep_records(raw, items))
+        deep = set() if shallow else set(deep_records(raw, items))
         batch = Batch()
         for index, item in enumerate(items):
             where = f"batch[{index}]: " if request.endpoint == "batch" else ""

@@ -31,7 +31,7 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
 from gateway.model import Alias, Event, Record
 
 MB = 1024 * 1024
@@ -48,9 +48,8 @@ _CONTEXT_FIELDS = {
     "browser": "browser",
     "os": "os",
 }
-_decode = msgspec.json.Decoder().decode
 _as_datetime = msgspec.json.Decoder(dt.datetime).decode
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # ISO 8601 date-time with a zone, extended or basic format; anything looser
 # (other separators, seconds in the offset) is not a timestamp.
 _ISO = re.compile(
@@ -122,7 +121,7 @@ class Inslytic(Dialect):
         if project is None:
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
-            body = _decode(request.body)
+            body, shallow = decode_json(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError):
             return _invalid(["Invalid JSON"])
         except RecursionError:
@@ -138,7 +137,7 @@ class Inslytic(Dialect):
             return _invalid(["events must contain at least 1 event"])
         if len(items) > self.config.max_events:
             return _invalid([f"events must contain at most {self.config.max_events} events"])
-        if (index := deep_record(request.body, items)) is not None:
+        if not shallow and (index := deep_record(request.body, items)) is not None:
             return _invalid([_too_deep(index)])
         problems: list[str] = []
         records: list[Record] = []

@@ -3,9 +3,11 @@ told back (DIALECTS.md, "Limits that keep one caller from hurting others").
 
 - Nesting: a record holding a value nested deeper than `MAX_DEPTH` levels
   (objects and arrays; the record itself is level 1) is invalid input.
-  `deep_record` walks decoded values level by level (a loop, never the
-  Python stack) and is skipped when the raw body has too few brackets to
-  nest that deep. msgspec follows nesting on the interpreter's stack and
+  `decode_json` decodes with a type that admits `SHALLOW_LEVELS` levels and
+  no more, which msgspec checks in C as fast as an untyped decode: a body
+  it accepts needs no further check. Only a deeper body is decoded again
+  untyped and walked by `deep_record`, level by level (a loop, never the
+  Python stack). msgspec follows nesting on the interpreter's stack and
   raises RecursionError near 1,000 levels; `deep_record_raw` then locates
   the record in the raw bytes, also without recursion.
 - Problem lists: `bounded` caps a refusal's details at `MAX_PROBLEMS`
@@ -38,6 +40,37 @@ TOO_DEEP = f"nested too deeply (more than {MAX_DEPTH} levels)"
 
 _CONTAINERS = frozenset((dict, list))
 _encode = msgspec.json.encode
+
+# Levels a body may have and be decoded in one typed pass: more than any SDK
+# sends, and few enough for msgspec's type tree (it doubles with each level).
+SHALLOW_LEVELS = 8
+_Scalar = str | int | float | bool | None
+
+
+def _shallow(levels: int) -> Any:
+    """JSON values of at most `levels` levels of objects and arrays."""
+    kind: Any = _Scalar
+    for _ in range(levels):
+        kind = str | int | float | bool | None | list[kind] | dict[str, kind]
+    return kind
+
+
+# A value of a record kept as it came (properties, say) at most this deep.
+Shallow: Any = _shallow(SHALLOW_LEVELS)
+_decode_shallow = msgspec.json.Decoder(Shallow).decode
+_decode_any = msgspec.json.Decoder().decode
+
+
+def decode_json(raw: bytes) -> tuple[Any, bool]:
+    """The JSON value of `raw`, and whether it is shallow (at most
+    SHALLOW_LEVELS levels: no record in it needs `deep_record`). Raises as
+    msgspec does: DecodeError, UnicodeDecodeError, RecursionError."""
+    try:
+        return _decode_shallow(raw), True
+    except msgspec.ValidationError:
+        # Deeper, or a number msgspec's typed path refuses (1e400): the
+        # untyped decoder decides, as before.
+        return _decode_any(raw), False
 
 
 def too_shallow_to_check(raw: bytes) -> bool:

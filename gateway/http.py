@@ -167,9 +167,8 @@ class BodyReader:
             deadlines.stop(task)
 
     def _hold(self, size: int) -> None:
-        if self._budget is not None:
-            if not self._budget.take(size):
-                raise Overloaded
+        if self._budget is not None and not self._budget.take(size):
+            raise Overloaded
         self.held += size
 
     def release(self) -> None:

@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from tests.hostile.helpers import (
-    COLLECT_QUERY,
     KB,
     MB,
     check_shape,

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.dialects.test_collect import rejections_of  # waits for the quarantine writes
 from tests.hostile.helpers import (
     COLLECT_QUERY,
     KB,
@@ -28,7 +29,6 @@ from tests.hostile.helpers import (
     request_args,
     settings,
 )
-from tests.dialects.test_collect import rejections_of  # waits for the quarantine writes
 from tests.support import ADMIN, events_of, gateway, props_of
 
 pytestmark = pytest.mark.anyio
