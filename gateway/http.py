@@ -177,6 +177,16 @@ class BodyReader:
             self._budget.give(self.held)
         self.held = 0
 
+    async def refuse(self, headers: dict[str, str]) -> None:
+        """For a request refused before its body was read: discard the body
+        (as `drain`) so the answer is not overtaken by a reset, unless it
+        declares more than is worth draining (then answer and close)."""
+        declared = content_length(headers)
+        if declared is not None and declared > DRAIN_BYTES:
+            self.complete = True
+            return
+        await self.drain()
+
     async def drain(self) -> None:
         """Discard what the client is still sending, within bounds."""
         if self.complete:

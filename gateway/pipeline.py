@@ -157,7 +157,7 @@ class Ingest:
         if refused is not None:
             if (limited := await _limited(admissions)) is not None:
                 refused = limited
-            await reader.drain()
+            await reader.refuse(request.headers)
             return refused, request
         raw = await self._read(request, reader)
         if (limited := await _limited(admissions)) is not None:
@@ -204,7 +204,7 @@ class Ingest:
             await reader.drain()
             return Failure(kind="too_large", message="request body too large")
         except Overloaded:
-            await reader.drain()
+            await reader.refuse(request.headers)
             return Failure(kind="unavailable", message="too many request bytes in flight",
                            retry_after=OVERLOADED_RETRY_AFTER)
 
