@@ -47,6 +47,10 @@ _RESERVED = frozenset(
 # Root keys of the older generations that belong in context.
 _ROOT_CONTEXT = ("page", "device", "app", "version")
 _MAX_TIME_MS = 253_402_300_799_999
+# Dropped events of one batch kept as rejections each; the rest of a request
+# (a 1 KB gzip body can hold 170,000 empty events) are summed up in one per
+# reason, so a flood of them costs a count, not a record each.
+MAX_REJECTIONS = 100
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _encode = msgspec.json.Encoder().encode
 
@@ -201,17 +205,36 @@ class Collect(Dialect):
             items = [body]
         deep = set() if shallow else set(deep_records(raw, items))
         batch = Batch()
+        beyond: dict[str, int] = {}  # reason -> dropped events past MAX_REJECTIONS
+        in_batch = request.endpoint == "batch"
         for index, item in enumerate(items):
-            where = f"batch[{index}]: " if request.endpoint == "batch" else ""
-            try:
-                if index in deep:
-                    raise Dropped("too_deep", TOO_DEEP)
-                if request.endpoint == "batch" and len(encoded := _encode(item)) > self.config.max_event_bytes:
-                    raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
-                batch.records += self._event(item, project, request)
-            except Dropped as dropped:
-                excerpt = _encode(item) if request.endpoint == "batch" and index not in deep else raw
-                batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+            # The common refusals without an exception: a flood of them
+            # costs a check each.
+            reason = _refused(item) if not deep or index not in deep else "too_deep"
+            if reason is not None:
+                if len(batch.rejections) >= MAX_REJECTIONS:
+                    beyond[reason] = beyond.get(reason, 0) + 1
+                    continue
+                dropped = Dropped(reason, _DETAILS[reason])
+            else:
+                try:
+                    if in_batch and len(encoded := _encode(item)) > self.config.max_event_bytes:
+                        raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
+                    batch.records += self._event(item, project, request)
+                    continue
+                except Dropped as exc:
+                    dropped = exc
+            if len(batch.rejections) >= MAX_REJECTIONS:
+                beyond[dropped.reason] = beyond.get(dropped.reason, 0) + 1
+                continue
+            where = f"batch[{index}]: " if in_batch else ""
+            excerpt = _encode(item) if in_batch and dropped.reason != "too_deep" else raw
+            batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+        # First, so that the quarantine's sampling keeps the count.
+        batch.rejections[:0] = [
+            self._reject(project, reason, f"{count} more events of this batch dropped for this reason", b"", request)
+            for reason, count in beyond.items()
+        ]
         return batch
 
     def _dropped(self, reason: str, detail: str, raw: bytes, request: Incoming) -> Batch:
@@ -304,6 +327,20 @@ class Collect(Dialect):
         if request.method == "GET":
             return Reply(status=200, body=PIXEL, content_type="image/gif", headers=(("cache-control", "no-store"),))
         return json_reply(200, {"status": "ok"})
+
+
+_DETAILS = {"too_deep": TOO_DEEP, "not_an_event": "not a JSON object", "no_event_name": "no event_name"}
+
+
+def _refused(item: Any) -> str | None:
+    """Why `item` is dropped (a reason of `_DETAILS`), for the reasons seen
+    without translating it."""
+    if type(item) is not dict:
+        return "not_an_event"
+    name = item.get("event_name", item.get("event"))
+    if type(name) is not str or not name:
+        return "no_event_name"
+    return None
 
 
 def _id(value: Any) -> str | None:
