@@ -83,6 +83,9 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     message: str
     details: tuple[str, ...] = ()
     retry_after: int | None = None
+    # Problems found beyond `details`, counted but not phrased (a dialect may
+    # stop phrasing past `dialects.limits.MAX_PROBLEMS`).
+    omitted: int = 0
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):

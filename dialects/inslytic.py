@@ -31,7 +31,7 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
+from dialects.limits import MAX_PROBLEMS, TOO_DEEP, decode_json, deep_record, deep_record_raw
 from gateway.model import Alias, Event, Record
 
 MB = 1024 * 1024
@@ -140,18 +140,25 @@ class Inslytic(Dialect):
         if not shallow and (index := deep_record(request.body, items)) is not None:
             return _invalid([_too_deep(index)])
         problems: list[str] = []
+        omitted = 0  # found, but past what an answer lists (not phrased)
         records: list[Record] = []
         for index, item in enumerate(items):
-            found = self._event(item, project, request, records)
-            problems += [f"Event {index}: {p}" for p in found]
+            found, more = self._event(item, project, request, records)
+            if found:
+                room = MAX_PROBLEMS - len(problems)
+                problems += [f"Event {index}: {p}" for p in found[:room]]
+                omitted += more + max(0, len(found) - room)
         if problems:
-            return _invalid(problems)
+            return _invalid(problems, omitted)
         return Batch(records=records, project=project, cost=len(items))
 
-    def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> list[str]:
+    def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> tuple[list[str], int]:
+        """The event's problems (the first MAX_PROBLEMS of its properties
+        phrased, and how many more), or its records appended to `out`."""
         if type(item) is not dict:
-            return ["must be an object"]
+            return ["must be an object"], 0
         problems: list[str] = []
+        more = 0
         name = item.get("eventName")
         if name is None:
             problems.append("eventName is required")
@@ -187,9 +194,9 @@ class Inslytic(Dialect):
         elif type(properties) is not dict:
             problems.append("properties must be an object of string values")
         else:
-            problems += [
-                f"properties.{k} must be a string" for k, v in properties.items() if type(v) is not str
-            ]
+            bad = [k for k, v in properties.items() if type(v) is not str]
+            problems += [f"properties.{k} must be a string" for k in bad[:MAX_PROBLEMS]]
+            more = max(0, len(bad) - MAX_PROBLEMS)
         context: dict[str, Any] = {"ip": request.client_ip}
         for field, key in _CONTEXT_FIELDS.items():
             value = item.get(field)
@@ -206,7 +213,7 @@ class Inslytic(Dialect):
             else:
                 context["device_type"] = device_type
         if problems:
-            return problems
+            return problems, more
         agent = request.headers.get("user-agent")
         if agent:
             context["user_agent"] = agent
@@ -228,7 +235,7 @@ class Inslytic(Dialect):
                 consent=consent,
             )
         )
-        return []
+        return [], 0
 
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         if request.endpoint == "health" and not isinstance(result, Failure):
@@ -254,5 +261,5 @@ def _too_deep(index: int) -> str:
     return f"{where} {TOO_DEEP}"
 
 
-def _invalid(problems: list[str]) -> Failure:
-    return Failure(kind="invalid", message=problems[0], details=tuple(problems))
+def _invalid(problems: list[str], omitted: int = 0) -> Failure:
+    return Failure(kind="invalid", message=problems[0], details=tuple(problems), omitted=omitted)

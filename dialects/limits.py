@@ -160,26 +160,28 @@ def deep_record_raw(raw: bytes, envelope: Sequence[str] = ()) -> int | None:
 
 def bounded(failure: Failure) -> Failure:
     """The refusal with at most MAX_PROBLEMS details, each text cut to
-    MAX_PROBLEM_CHARS, and the details cut short (`... and N more`) before
-    their encoded size passes what an error body may hold."""
+    MAX_PROBLEM_CHARS, and the details cut short (`... and N more`, N
+    counting `failure.omitted` too) before their encoded size passes what
+    an error body may hold."""
     message = failure.message
     details = failure.details
-    if len(message) <= MAX_PROBLEM_CHARS and len(details) <= MAX_PROBLEMS and (
+    if len(message) <= MAX_PROBLEM_CHARS and len(details) <= MAX_PROBLEMS and not failure.omitted and (
         not details or sum(map(len, details)) <= 8 * 1024
     ):
         return failure  # the usual refusal: nothing to cut
     budget = MAX_ERROR_BYTES - _ENVELOPE_BYTES - 2 * len(_encode(_cut(message)))
+    total = len(details) + failure.omitted
     kept: list[str] = []
-    for index, detail in enumerate(details):
+    for detail in details:
         text = _cut(detail)
         cost = len(_encode(text)) + 1
-        left = len(details) - index
-        if len(kept) == MAX_PROBLEMS - 1 and left > 1 or cost > budget - 40:
-            kept.append(f"... and {left} more")
+        if len(kept) == MAX_PROBLEMS - 1 and total > MAX_PROBLEMS or cost > budget - 40:
             break
         kept.append(text)
         budget -= cost
-    return msgspec.structs.replace(failure, message=_cut(message), details=tuple(kept))
+    if total > len(kept):
+        kept.append(f"... and {total - len(kept)} more")
+    return msgspec.structs.replace(failure, message=_cut(message), details=tuple(kept), omitted=0)
 
 
 def _cut(text: str) -> str:

@@ -264,7 +264,9 @@ async def test_error_bodies_stay_under_64_kb(backend: dict[str, str], path: str)
         assert len(reply.content) <= MAX_ERROR_BYTES
         if path == "/v1/ingest":
             details = capped(reply)
+            # Every problem counted: 5 fields and 200 properties, in 10 events.
             assert details[-1].startswith("... and ")
+            assert len(details) - 1 + int(details[-1].split()[2]) == 10 * 205, details[-1]
         elif path == "/api/client/identify":
             details = capped(reply)
             assert all(len(d) <= 300 for d in details[:-1])
