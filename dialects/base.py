@@ -5,9 +5,19 @@ request as bytes plus metadata (`Incoming`) and a credential lookup built once
 from the configuration, and returns either canonical records (`Batch`) or a
 typed refusal (`Failure`). After the pipeline has limited, deduplicated and
 stored the batch, the dialect turns the `Outcome` (or a `Failure` the pipeline
-raised itself: body too large, rate limited, storage unavailable) into the
-vendor's status code and body. A dialect does no I/O and keeps no state
-between requests; everything with I/O lives in the pipeline, once.
+raised itself: body too large, rate limited, storage unavailable, an
+internal error) into the vendor's status code and body, for every
+`FailureKind`. A dialect does no I/O and keeps no state between requests;
+everything with I/O lives in the pipeline, once.
+
+A credential carried in a header is checked by `precheck`, from the headers
+and the query alone, before the body is read: a request it refuses is never
+read, inflated or parsed. Translation must bound its own work: values nested
+deeper than `dialects.limits.MAX_DEPTH` are invalid input naming the record
+(`dialects.limits.deep_record`), and RecursionError from a decoder means
+such nesting. The pipeline caps every refusal's problem list and texts
+(`dialects.limits.bounded`) before `render`, and answers an exception out of
+`translate` or `render` as the `internal` kind.
 
 Adding a vendor: subclass `Dialect`, declare its endpoints, its credential
 field in `[[projects]]` and its `Config` struct, then add the class to
@@ -31,6 +41,7 @@ FailureKind = Literal[
     "rate_limited",  # refused by a rate limit; retry_after is set
     "unavailable",  # storage unreachable; retry_after is set
     "unstorable",  # the database refused data that passed validation
+    "internal",  # an unexpected error in the gateway itself (a bug)
 ]
 
 
@@ -42,6 +53,9 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     # Counted against the dialect's per-client-IP limit (checked before the
     # body or credentials are looked at).
     ip_limited: bool = False
+    # Counted against `[limits] per_ip` (off for endpoints that never
+    # answer 429, and for health checks).
+    per_ip: bool = True
 
 
 class Incoming(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,6 +83,9 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     message: str
     details: tuple[str, ...] = ()
     retry_after: int | None = None
+    # Problems found beyond `details`, counted but not phrased (a dialect may
+    # stop phrasing past `dialects.limits.MAX_PROBLEMS`).
+    omitted: int = 0
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,6 +146,12 @@ class Dialect:
 
     def project_limit(self, project: str) -> TokenBucket | None:
         """The per-project budget a `Batch` with a cost draws from."""
+        return None
+
+    def precheck(self, request: Incoming) -> Failure | None:
+        """A refusal known from the headers and query alone (`request.body`
+        is empty here), such as an unknown header credential; None to go on
+        and read the body. Cheap and pure: it runs for every request."""
         return None
 
     def translate(self, request: Incoming) -> Batch | Failure:

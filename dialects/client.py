@@ -32,6 +32,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
+from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -106,6 +107,8 @@ _NESTED: dict[Any, type[_Schema]] = {UserBlock | None: UserBlock}
 class ClientConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     max_body_bytes: int = MB
+    # Events per /api/client/events request; more is a 413.
+    max_events: Annotated[int, Meta(ge=1)] = 1000
 
 
 @functools.cache
@@ -233,14 +236,34 @@ class Client(Dialect):
         key = bearer(request)
         return None if key is None else self.credentials.get(key)
 
+    def precheck(self, request: Incoming) -> Failure | None:
+        if self._project(request) is None:
+            return Failure(kind="unauthorized", message="Authorization error.")
+        return None
+
     def translate(self, request: Incoming) -> Batch | Failure:
         project = self._project(request)
         if project is None:
             return Failure(kind="unauthorized", message="Authorization error.")
+        events = request.endpoint == "events"
         try:
-            body = msgspec.json.decode(request.body)
-        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            body, shallow = decode_json(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
+        except RecursionError:
+            # Deeper than msgspec follows: find the event in the raw bytes.
+            index = deep_record_raw(request.body) if events else -1
+            if index is None:
+                return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
+            return _too_deep(index if index >= 0 else None)
+        if events and type(body) is list and len(body) > self.config.max_events:
+            # Counted before any event is looked at.
+            limit = self.config.max_events
+            problem = f"body: {len(body)} events, at most {limit} per request"
+            return Failure(kind="too_large", message=problem, details=(problem,))
+        records = body if events and type(body) is list else [body]
+        if not shallow and (index := deep_record(request.body, records)) is not None:
+            return _too_deep(index if records is body else None)
         problems: list[str] = []
         records = getattr(self, "_" + request.endpoint)(body, problems, request, project)
         if problems:
@@ -316,6 +339,9 @@ class Client(Dialect):
             return Reply(status=204, content_type=None)
         if result.kind == "unauthorized":
             return json_reply(401, {"status": "error", "error": "Authorization error.", "code": 1000})
+        if result.kind == "too_large" and result.details:
+            # Too many events: the pipeline's own 413s have no details.
+            return json_reply(413, {"status": "error", "error": result.details[0], "details": list(result.details)})
         status, message = {
             "bad_request": (400, result.message),
             "invalid": (422, result.message),
@@ -323,11 +349,18 @@ class Client(Dialect):
             "rate_limited": (429, "rate limited"),
             "unavailable": (503, "service unavailable, retry later"),
             "unstorable": (422, "body: the database refused this data"),
+            "internal": (500, "internal error"),
         }[result.kind]
         details = list(result.details) or [message]
         return json_reply(
             status, {"status": "error", "error": message, "details": details}, retry_after_headers(result)
         )
+
+
+def _too_deep(index: int | None) -> Failure:
+    """An event (by index) or the body holds a value nested too deep."""
+    problem = f"{'body' if index is None else index}: {TOO_DEEP}"
+    return Failure(kind="invalid", message=problem, details=(problem,))
 
 
 def _links(project: str, anonymous_id: str | None, external_id: str | None) -> list[Record]:

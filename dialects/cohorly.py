@@ -30,6 +30,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
+from dialects.limits import TOO_DEEP, Shallow, decode_json, deep_record, deep_record_raw
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -42,14 +43,14 @@ _LIFTED = frozenset({"distinct_id", "time", "$insert_id", "token"})
 _IGNORED_MODIFIERS = frozenset({"$ip", "$time", "$ignore_time", "$ignore_alias"})
 _VERBS = ("$set_once", "$set", "$add", "$append", "$union", "$remove", "$unset", "$delete")
 
-_decode = msgspec.json.Decoder().decode
-
 
 class _TrackItem(msgspec.Struct):
-    """The shape of a valid /track event (other top-level keys are ignored)."""
+    """The shape of a valid /track event (other top-level keys are ignored);
+    properties nested deeper than `Shallow` go to the general path, which
+    checks the nesting limit."""
 
     event: str
-    properties: dict[str, Any]
+    properties: dict[str, Shallow]
 
 
 _decode_track = msgspec.json.Decoder(list[_TrackItem] | _TrackItem).decode
@@ -108,18 +109,26 @@ class Cohorly(Dialect):
 
     def _translate_general(self, request: Incoming) -> Batch | Failure:
         try:
-            body = _decode(request.body)
+            body, shallow = decode_json(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError):
             # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
             return Failure(kind="bad_request", message="invalid JSON")
         except RecursionError:
-            # msgspec's answer to nesting deeper than the interpreter allows.
-            return Failure(kind="bad_request", message="invalid JSON: nested too deeply")
+            # msgspec's answer to nesting deeper than the interpreter allows:
+            # the record is found in the raw bytes.
+            index = deep_record_raw(request.body)
+            if index is None:
+                return Failure(kind="bad_request", message="invalid JSON")
+            return _too_deep(index if index >= 0 else None)
         header_token = request.headers.get("x-cohorly-token")
         try:
             if request.endpoint == "alias":
+                if not shallow and deep_record(request.body, [body]) is not None:
+                    return _too_deep(None)
                 return self._alias(body, header_token)
             items, batched = self._items(body)
+            if not shallow and (index := deep_record(request.body, items)) is not None:
+                return _too_deep(index if batched else None)
             translate = self._event if request.endpoint == "track" else self._engage
             # One context for every event of the request (the records never change it).
             context = request_context(request)
@@ -324,6 +333,11 @@ class Cohorly(Dialect):
         return json_reply(200, {"status": 1})
 
 
+def _too_deep(index: int | None) -> Failure:
+    prefix = f"record {index}: " if index is not None else ""
+    return Failure(kind="bad_request", message=prefix + TOO_DEEP)
+
+
 _STATUS = {
     "bad_request": 400,
     "invalid": 400,
@@ -332,6 +346,7 @@ _STATUS = {
     "rate_limited": 429,
     "unavailable": 503,
     "unstorable": 400,
+    "internal": 500,
 }
 
 
@@ -356,6 +371,7 @@ def _message(kind: str, message: str) -> str:
         "too_large": "request body too large",
         "rate_limited": "rate limited",
         "unavailable": "service unavailable, retry later",
+        "internal": "internal error",
     }.get(kind, message)
 
 

@@ -35,6 +35,7 @@ from dialects.base import (
     bearer,
     json_reply,
 )
+from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw, deep_records
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
@@ -46,9 +47,12 @@ _RESERVED = frozenset(
 # Root keys of the older generations that belong in context.
 _ROOT_CONTEXT = ("page", "device", "app", "version")
 _MAX_TIME_MS = 253_402_300_799_999
+# Dropped events of one batch kept as rejections each; the rest of a request
+# (a 1 KB gzip body can hold 170,000 empty events) are summed up in one per
+# reason, so a flood of them costs a count, not a record each.
+MAX_REJECTIONS = 100
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7")
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 
 class CollectConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -74,10 +78,10 @@ def _iso_ms(value: Any) -> int | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)  # tags send UTC
+        moment = moment.replace(tzinfo=dt.UTC)  # tags send UTC
     # Exact integer arithmetic: timestamp() * 1000 is a float and can land
     # 1 ms early (2004-09-27T11:29:40.238Z gave ...237).
-    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(milliseconds=1)
+    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
     return ms if 0 <= ms <= _MAX_TIME_MS else None
 
 
@@ -116,7 +120,7 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             following = parts[index + 1] if not last else None
-            make = (lambda: []) if following is not None and _digits(following, 9) else (lambda: {})
+            make = (list) if following is not None and _digits(following, 9) else (dict)
             if isinstance(node, list):
                 slot = int(part) if _digits(part, 9) else len(node)
                 if slot - len(node) > spare:
@@ -149,8 +153,10 @@ class Collect(Dialect):
         single, batch = self.config.max_request_bytes, self.config.max_batch_bytes
         endpoints = []
         for prefix in ("", "/cdp"):
-            endpoints.append(Endpoint(path=f"{prefix}/events", name="event", methods=("GET", "POST"), max_body=single))
-            endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch))
+            # Never 429 (the contract): not under `[limits] per_ip`.
+            endpoints.append(Endpoint(path=f"{prefix}/events", name="event", methods=("GET", "POST"),
+                                      max_body=single, per_ip=False))
+            endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch, per_ip=False))
         return endpoints
 
     def _project(self, request: Incoming) -> str | None:
@@ -160,20 +166,34 @@ class Collect(Dialect):
         if key is not None:
             token = key
         site = query.get("tc_s", "").strip()
-        if not token or not site.isdigit():
+        if not token or not _digits(site, 18):
             return None
         return self.credentials.get((int(site), token))
 
     def translate(self, request: Incoming) -> Batch | Failure:
+        shallow = False
         if request.method == "GET":
             body: Any = pixel_payload(request.query)
+            if deep_record(None, [body]) is not None:
+                # Bracket notation nested too deep: quarantined (answered
+                # with the pixel, as everything else), the query as excerpt.
+                query = "&".join(f"{k}={v}" for k, v in request.query if k not in ("tc_s", "token"))
+                return self._dropped("too_deep", TOO_DEEP, query.encode(), request)
             raw = _encode(body)
         else:
-            try:
-                body = _decode(request.body)
-            except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-                return Failure(kind="bad_request", message="invalid JSON")
             raw = request.body
+            try:
+                body, shallow = decode_json(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                return Failure(kind="bad_request", message="invalid JSON")
+            except RecursionError:
+                # Valid JSON deeper than the decoder follows: not an error
+                # for the caller, quarantined whole (it cannot be split).
+                too_deep = deep_record_raw(raw, ("batch",) if request.endpoint == "batch" else ())
+                if too_deep is None:
+                    return Failure(kind="bad_request", message="invalid JSON")
+                where = f"batch[{too_deep}]: " if request.endpoint == "batch" and too_deep >= 0 else ""
+                return self._dropped("too_deep", where + TOO_DEEP, raw, request)
         project = self._project(request)
         if project is None:
             return Batch(rejections=[self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)])
@@ -183,17 +203,43 @@ class Collect(Dialect):
                 return Batch(rejections=[self._reject(project, "not_a_batch", "body has no batch array", raw, request)])
         else:
             items = [body]
+        deep = set() if shallow else set(deep_records(raw, items))
         batch = Batch()
+        beyond: dict[str, int] = {}  # reason -> dropped events past MAX_REJECTIONS
+        in_batch = request.endpoint == "batch"
         for index, item in enumerate(items):
-            where = f"batch[{index}]: " if request.endpoint == "batch" else ""
-            try:
-                if request.endpoint == "batch" and len(encoded := _encode(item)) > self.config.max_event_bytes:
-                    raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
-                batch.records += self._event(item, project, request)
-            except Dropped as dropped:
-                excerpt = _encode(item) if request.endpoint == "batch" else raw
-                batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+            # The common refusals without an exception: a flood of them
+            # costs a check each.
+            reason = _refused(item) if not deep or index not in deep else "too_deep"
+            if reason is not None:
+                if len(batch.rejections) >= MAX_REJECTIONS:
+                    beyond[reason] = beyond.get(reason, 0) + 1
+                    continue
+                dropped = Dropped(reason, _DETAILS[reason])
+            else:
+                try:
+                    if in_batch and len(encoded := _encode(item)) > self.config.max_event_bytes:
+                        raise Dropped("event_too_large", f"{len(encoded)} bytes over {self.config.max_event_bytes}")
+                    batch.records += self._event(item, project, request)
+                    continue
+                except Dropped as exc:
+                    dropped = exc
+            if len(batch.rejections) >= MAX_REJECTIONS:
+                beyond[dropped.reason] = beyond.get(dropped.reason, 0) + 1
+                continue
+            where = f"batch[{index}]: " if in_batch else ""
+            excerpt = _encode(item) if in_batch and dropped.reason != "too_deep" else raw
+            batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+        # First, so that the quarantine's sampling keeps the count.
+        batch.rejections[:0] = [
+            self._reject(project, reason, f"{count} more events of this batch dropped for this reason", b"", request)
+            for reason, count in beyond.items()
+        ]
         return batch
+
+    def _dropped(self, reason: str, detail: str, raw: bytes, request: Incoming) -> Batch:
+        """The whole request quarantined, under its project when it has one."""
+        return Batch(rejections=[self._reject(self._project(request), reason, detail, raw, request)])
 
     def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming) -> Rejection:
         return Rejection(
@@ -272,11 +318,29 @@ class Collect(Dialect):
             if result.kind == "too_large":
                 return json_reply(400, {"error": "request too large"})
             if result.kind == "unavailable":
-                # Storage is down: the one case where 200 would lose data.
+                # Storage is down, or the worker full: the one case where
+                # 200 would lose data.
                 return json_reply(503, {"error": "service unavailable"}, (("retry-after", str(result.retry_after or 5)),))
+            # Internal errors, and limits this dialect is never put under:
+            # never a 200 for data not kept.
+            return json_reply(500, {"error": "internal error"})
         if request.method == "GET":
             return Reply(status=200, body=PIXEL, content_type="image/gif", headers=(("cache-control", "no-store"),))
         return json_reply(200, {"status": "ok"})
+
+
+_DETAILS = {"too_deep": TOO_DEEP, "not_an_event": "not a JSON object", "no_event_name": "no event_name"}
+
+
+def _refused(item: Any) -> str | None:
+    """Why `item` is dropped (a reason of `_DETAILS`), for the reasons seen
+    without translating it."""
+    if type(item) is not dict:
+        return "not_an_event"
+    name = item.get("event_name", item.get("event"))
+    if type(name) is not str or not name:
+        return "no_event_name"
+    return None
 
 
 def _id(value: Any) -> str | None:

@@ -31,6 +31,7 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
+from dialects.limits import MAX_PROBLEMS, TOO_DEEP, decode_json, deep_record, deep_record_raw
 from gateway.model import Alias, Event, Record
 
 MB = 1024 * 1024
@@ -47,9 +48,8 @@ _CONTEXT_FIELDS = {
     "browser": "browser",
     "os": "os",
 }
-_decode = msgspec.json.Decoder().decode
 _as_datetime = msgspec.json.Decoder(dt.datetime).decode
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # ISO 8601 date-time with a zone, extended or basic format; anything looser
 # (other separators, seconds in the offset) is not a timestamp.
 _ISO = re.compile(
@@ -97,7 +97,7 @@ class Inslytic(Dialect):
     def endpoints(self) -> Sequence[Endpoint]:
         return (
             Endpoint(path="/v1/ingest", name="ingest", max_body=self.config.max_body_bytes),
-            Endpoint(path="/health", name="health", methods=("GET",), max_body=0),
+            Endpoint(path="/health", name="health", methods=("GET",), max_body=0, per_ip=False),
         )
 
     def project_limit(self, project: str) -> TokenBucket | None:
@@ -105,17 +105,31 @@ class Inslytic(Dialect):
         capacity = override if override is not None else self.config.events_per_minute
         return TokenBucket(capacity=capacity, per_seconds=60)
 
+    def _project(self, request: Incoming) -> str | None:
+        key = bearer(request)
+        return None if key is None else self.credentials.get(key)
+
+    def precheck(self, request: Incoming) -> Failure | None:
+        if request.endpoint != "health" and self._project(request) is None:
+            return Failure(kind="unauthorized", message="Invalid API key")
+        return None
+
     def translate(self, request: Incoming) -> Batch | Failure:
         if request.endpoint == "health":
             return Batch()
-        key = bearer(request)
-        project = None if key is None else self.credentials.get(key)
+        project = self._project(request)
         if project is None:
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
-            body = _decode(request.body)
-        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+            body, shallow = decode_json(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return _invalid(["Invalid JSON"])
+        except RecursionError:
+            # Deeper than msgspec follows: find the event in the raw bytes.
+            index = deep_record_raw(request.body, ("events",))
+            if index is None:
+                return _invalid(["Invalid JSON"])
+            return _invalid([_too_deep(index)])
         items = body.get("events") if type(body) is dict else None
         if type(items) is not list:
             return _invalid(["events must be an array"])
@@ -123,19 +137,28 @@ class Inslytic(Dialect):
             return _invalid(["events must contain at least 1 event"])
         if len(items) > self.config.max_events:
             return _invalid([f"events must contain at most {self.config.max_events} events"])
+        if not shallow and (index := deep_record(request.body, items)) is not None:
+            return _invalid([_too_deep(index)])
         problems: list[str] = []
+        omitted = 0  # found, but past what an answer lists (not phrased)
         records: list[Record] = []
         for index, item in enumerate(items):
-            found = self._event(item, project, request, records)
-            problems += [f"Event {index}: {p}" for p in found]
+            found, more = self._event(item, project, request, records)
+            if found:
+                room = MAX_PROBLEMS - len(problems)
+                problems += [f"Event {index}: {p}" for p in found[:room]]
+                omitted += more + max(0, len(found) - room)
         if problems:
-            return _invalid(problems)
+            return _invalid(problems, omitted)
         return Batch(records=records, project=project, cost=len(items))
 
-    def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> list[str]:
+    def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> tuple[list[str], int]:
+        """The event's problems (the first MAX_PROBLEMS of its properties
+        phrased, and how many more), or its records appended to `out`."""
         if type(item) is not dict:
-            return ["must be an object"]
+            return ["must be an object"], 0
         problems: list[str] = []
+        more = 0
         name = item.get("eventName")
         if name is None:
             problems.append("eventName is required")
@@ -171,9 +194,9 @@ class Inslytic(Dialect):
         elif type(properties) is not dict:
             problems.append("properties must be an object of string values")
         else:
-            problems += [
-                f"properties.{k} must be a string" for k, v in properties.items() if type(v) is not str
-            ]
+            bad = [k for k, v in properties.items() if type(v) is not str]
+            problems += [f"properties.{k} must be a string" for k in bad[:MAX_PROBLEMS]]
+            more = max(0, len(bad) - MAX_PROBLEMS)
         context: dict[str, Any] = {"ip": request.client_ip}
         for field, key in _CONTEXT_FIELDS.items():
             value = item.get(field)
@@ -190,7 +213,7 @@ class Inslytic(Dialect):
             else:
                 context["device_type"] = device_type
         if problems:
-            return problems
+            return problems, more
         agent = request.headers.get("user-agent")
         if agent:
             context["user_agent"] = agent
@@ -212,7 +235,7 @@ class Inslytic(Dialect):
                 consent=consent,
             )
         )
-        return []
+        return [], 0
 
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         if request.endpoint == "health" and not isinstance(result, Failure):
@@ -228,9 +251,15 @@ class Inslytic(Dialect):
             "rate_limited": (429, "Rate limit exceeded"),
             "unavailable": (503, "Service unavailable"),
             "unstorable": (400, "Validation failed"),
+            "internal": (500, "Internal server error"),
         }[result.kind]
         return json_reply(status, {"error": message}, retry_after_headers(result))
 
 
-def _invalid(problems: list[str]) -> Failure:
-    return Failure(kind="invalid", message=problems[0], details=tuple(problems))
+def _too_deep(index: int) -> str:
+    where = f"Event {index}:" if index >= 0 else "body:"
+    return f"{where} {TOO_DEEP}"
+
+
+def _invalid(problems: list[str], omitted: int = 0) -> Failure:
+    return Failure(kind="invalid", message=problems[0], details=tuple(problems), omitted=omitted)

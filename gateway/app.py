@@ -43,6 +43,8 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         metrics=metrics,
         unavailable_retry_after=settings.storage.unavailable_retry_after,
         body_timeout=settings.server.read_timeout,
+        max_inflight_bytes=settings.server.max_inflight_bytes,
+        per_ip=settings.limits.per_ip,
     )
     state = State()
     state.metrics = metrics

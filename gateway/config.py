@@ -20,6 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from dialects import REGISTRY
+from dialects.base import SlidingWindow
 
 ENV_PREFIX = "DIALGATE_"
 
@@ -49,6 +50,9 @@ class ServerConfig(_Base):
     # it, and one HTTP/2 connection multiplexes many requests past the
     # per-connection limits.
     h2c: bool = False
+    # Request body bytes one worker admits at once (declared Content-Length,
+    # or bytes read so far when chunked); past it: 503 with Retry-After.
+    max_inflight_bytes: int = 64 * 1024 * 1024
 
 
 class StorageConfig(_Base):
@@ -131,6 +135,13 @@ class QuarantineConfig(_Base):
     keep_days: int = 30
 
 
+class LimitsConfig(_Base):
+    # At most `requests` per client IP in any `per_seconds` on every
+    # ingestion endpoint that may answer 429 (not collect, not /health);
+    # beside the dialects' own limits. None: off.
+    per_ip: SlidingWindow | None = None
+
+
 DialectsConfig: type[msgspec.Struct] = msgspec.defstruct(
     "DialectsConfig",
     [(d.name, d.Config, msgspec.field(default_factory=d.Config)) for d in REGISTRY],
@@ -146,6 +157,7 @@ class Settings(_Base):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     projects: list[ProjectConfig] = []
     dialects: DialectsConfig = msgspec.field(default_factory=DialectsConfig)  # type: ignore[valid-type]
 

@@ -30,6 +30,41 @@ class ClientGone(Exception):
     pass
 
 
+class Overloaded(Exception):
+    """The worker holds as many request body bytes as it may (503)."""
+
+
+class InflightBytes:
+    """The request body bytes one worker holds at once, bounded: a body is
+    counted from its declared Content-Length before any of it is read (or
+    chunk by chunk as it comes, when it declares none) until its request is
+    answered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+def content_length(headers: dict[str, str]) -> int | None:
+    """The declared Content-Length; None when absent or not a number (ASCII
+    digits only: "²" is a digit to str.isdigit, and int() refuses it)."""
+    declared = headers.get("content-length", "").strip()
+    if not declared or not declared.isascii() or not declared.isdigit():
+        return None
+    # Past 18 digits it is more than any limit: no need for int() to read
+    # thousands of them (it refuses more than 4,300).
+    return int(declared) if len(declared) <= 18 else 10**18
+
+
 def header_dict(scope: Scope) -> dict[str, str]:
     headers: dict[str, str] = {}
     for raw_name, raw_value in scope["headers"]:
@@ -90,16 +125,22 @@ class BodyReader:
     """Reads a request body, refusing it as soon as it passes `limit`, or
     (TimeoutError) when it has not all come within the `deadlines`."""
 
-    def __init__(self, receive: Any) -> None:
+    def __init__(self, receive: Any, budget: InflightBytes | None = None) -> None:
         self._receive = receive
+        self._budget = budget
+        self.held = 0  # bytes counted against the budget (see `release`)
         self.complete = False
 
     async def read(self, headers: dict[str, str], limit: int, deadlines: Deadlines) -> bytes:
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            if int(declared) > limit + DRAIN_BYTES:
+        """The body; TooLarge past `limit`, Overloaded past the worker's
+        budget of bytes in flight (before reading, for a declared length)."""
+        declared = content_length(headers)
+        if declared is not None and declared > limit:
+            if declared > limit + DRAIN_BYTES:
                 self.complete = True  # too much to drain: answer and close
             raise TooLarge
+        if declared:
+            self._hold(declared)
         chunks: list[bytes] = []
         size = 0
         task = deadlines.start()
@@ -112,6 +153,8 @@ class BodyReader:
                 size += len(chunk)
                 if size > limit:
                     raise TooLarge
+                if size > self.held:
+                    self._hold(size - self.held)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     self.complete = True
@@ -122,6 +165,27 @@ class BodyReader:
             raise
         finally:
             deadlines.stop(task)
+
+    def _hold(self, size: int) -> None:
+        if self._budget is not None and not self._budget.take(size):
+            raise Overloaded
+        self.held += size
+
+    def release(self) -> None:
+        """Give the body's bytes back to the worker's budget (once answered)."""
+        if self._budget is not None and self.held:
+            self._budget.give(self.held)
+        self.held = 0
+
+    async def refuse(self, headers: dict[str, str]) -> None:
+        """For a request refused before its body was read: discard the body
+        (as `drain`) so the answer is not overtaken by a reset, unless it
+        declares more than is worth draining (then answer and close)."""
+        declared = content_length(headers)
+        if declared is not None and declared > DRAIN_BYTES:
+            self.complete = True
+            return
+        await self.drain()
 
     async def drain(self) -> None:
         """Discard what the client is still sending, within bounds."""

@@ -1,17 +1,25 @@
 """The ingestion pipeline, the same ordered stages for every dialect:
 
-1. per-client-IP rate limit (when the dialect has one; needs neither the
-   credentials nor the body, so it is asked first and its answer wins; in
-   Redis it is answered while stages 2 and 3 run, and stage 4's question
-   goes in the same round trip)
-2. body: capped while reading, Content-Encoding undone with the same cap
+1. per-client-IP limits: `[limits] per_ip` and the dialect's own window
+   (they need neither the credentials nor the body, so they are asked
+   first and their answer wins; in Redis they are answered while the raw
+   body is read), and the dialect's `precheck` of a header credential
+2. body: counted against the worker's bytes in flight, capped while
+   reading; the limits' answer is awaited before the Content-Encoding is
+   undone (with the same cap), so a refused request is never inflated or
+   parsed
 3. translation by the dialect: credentials -> project, validation, records
 3b. per-project limit (when the dialect has one), costed by the batch, so
    refused and invalid requests cost nothing
 4. dedup fast path: one cache round trip for the batch's insert ids
 5. persist through the batched writer; the answer waits for the commit
 6. remember the newly committed insert ids
-7. the dialect renders the outcome in the vendor's shape
+7. the dialect renders the outcome in the vendor's shape (a refusal's
+   problem list capped first)
+
+An exception out of any stage is answered in the dialect's shape (the
+`internal` kind, 500) and logged with its traceback at most once a minute
+per dialect and error type.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from typing import Any
 
-from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply
+from dialects.base import Batch, Dialect, Endpoint, Failure, Incoming, Outcome, Reply, SlidingWindow
+from dialects.limits import bounded
 from gateway import logs
 from gateway.dedup import Dedup, Key
 from gateway.http import (
@@ -33,6 +42,8 @@ from gateway.http import (
     ClientGone,
     Cors,
     Deadlines,
+    InflightBytes,
+    Overloaded,
     TooLarge,
     decode_body,
     header_dict,
@@ -44,6 +55,13 @@ from gateway.ratelimit import Limiter, retry_after_seconds
 from storage.writer import StorageUnavailable, Unstorable, Writer
 
 log = logging.getLogger("dialgate.ingest")
+
+# The limiter's name for `[limits] per_ip`: a window of its own, apart from
+# any dialect's.
+PER_IP = "per_ip"
+# Seconds a client is told to wait when the worker holds all the request
+# body bytes it may.
+OVERLOADED_RETRY_AFTER = 1
 
 
 def now_ms() -> int:
@@ -59,8 +77,12 @@ class Services:
 
     def __init__(self, *, client_address: ClientAddress, sampler: Sampler, metrics: Metrics,
                  unavailable_retry_after: int, body_timeout: float = 30.0,
+                 max_inflight_bytes: int = 64 * 1024 * 1024, per_ip: SlidingWindow | None = None,
                  clock: Callable[[], int] = now_ms) -> None:
         self.body_timeout = body_timeout
+        self.inflight = InflightBytes(max_inflight_bytes)
+        self.per_ip = per_ip
+        self.errors = ErrorLog()
         self.deadlines = Deadlines(body_timeout)
         self.client_address = client_address
         self.sampler = sampler
@@ -84,7 +106,7 @@ class Ingest:
         started = time.perf_counter()
         services = self.services
         headers = header_dict(scope)
-        reader = BodyReader(receive)
+        reader = BodyReader(receive, services.inflight)
         request = Incoming(
             endpoint=self.endpoint.name,
             method=scope["method"],
@@ -95,34 +117,55 @@ class Ingest:
             received_at=services.clock(),
         )
         try:
-            result, request = await self._run(request, reader)
-        except ClientGone:
-            return
-        reply = self.dialect.render(request, result)
+            try:
+                result, request = await self._run(request, reader)
+            except ClientGone:
+                return
+            except Exception as exc:  # noqa: BLE001 (a bug: still answered in the dialect's shape)
+                services.errors.report(self.dialect.name, "pipeline", exc)
+                result = INTERNAL
+            if isinstance(result, Failure):
+                result = bounded(result)
+            reply = self._render(request, result)
+        finally:
+            reader.release()
         if isinstance(result, Failure):
             self._log_rejected(request, result, reply)
         await _send(send, reply, Cors.headers(headers.get("origin")))
         await reader.drain()
         services.metrics.observe(self.dialect.name, time.perf_counter() - started)
 
+    def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
+        try:
+            return self.dialect.render(request, result)
+        except Exception as exc:  # noqa: BLE001 (a bug: answered as one)
+            self.services.errors.report(self.dialect.name, "render", exc)
+        try:
+            return self.dialect.render(request, INTERNAL)
+        except Exception as exc:  # noqa: BLE001
+            self.services.errors.report(self.dialect.name, "render", exc)
+            return FALLBACK
+
     async def _run(self, request: Incoming, reader: BodyReader) -> tuple[Outcome | Failure, Incoming]:
         services = self.services
-        window = self.dialect.ip_limit() if self.endpoint.ip_limited else None
-        # The client's window is asked first and its answer comes first:
-        # over the limit, the request is refused whatever its body. Redis
-        # answers while the body is read and translated, and the dedup
-        # question about a translated batch rides the same round trip
-        # (gateway.redislink.Flight).
-        admission = (services.limiter.sliding(self.dialect.name, request.client_ip, window)
-                     if window is not None else None)
-        translated, request = await self._translate(request, reader)
-        lookup = None
-        if admission is not None and not isinstance(translated, Failure):
-            keys = _keys(translated.records)
-            lookup = keys, services.dedup.seen(keys)
-        if admission is not None and (wait := await admission):
-            return Failure(kind="rate_limited", message="rate limited",
-                           retry_after=retry_after_seconds(wait)), request
+        # The client's windows are asked first and their answer comes first:
+        # over a limit, the request is refused whatever its credentials or
+        # body. Redis answers while the raw body is read; the answer is
+        # awaited before the body is inflated or parsed.
+        admissions = self._admissions(request)
+        refused = self.dialect.precheck(request)
+        if refused is not None:
+            if (limited := await _limited(admissions)) is not None:
+                refused = limited
+            await reader.refuse(request.headers)
+            return refused, request
+        raw = await self._read(request, reader)
+        if (limited := await _limited(admissions)) is not None:
+            await reader.drain()
+            return limited, request
+        if isinstance(raw, Failure):
+            return raw, request
+        translated, request = self._translate(request, raw)
         if isinstance(translated, Failure):
             return translated, request
         if translated.cost and translated.project is not None:
@@ -130,27 +173,47 @@ class Ingest:
             if bucket is not None:
                 wait = await services.limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
                 if wait:
-                    return Failure(kind="rate_limited", message="rate limited",
-                                   retry_after=retry_after_seconds(wait)), request
-        return await self._store(translated, lookup), request
+                    return _rate_limited(wait), request
+        return await self._store(translated), request
 
-    async def _translate(self, request: Incoming, reader: BodyReader) -> tuple[Batch | Failure, Incoming]:
-        """Stages 2 and 3: the body, read within bounds, and the dialect's
-        translation of the request."""
+    def _admissions(self, request: Incoming) -> list[asyncio.Future[int]]:
+        services, endpoint = self.services, self.endpoint
+        asked = []
+        if services.per_ip is not None and endpoint.per_ip:
+            asked.append(services.limiter.sliding(PER_IP, request.client_ip, services.per_ip))
+        window = self.dialect.ip_limit() if endpoint.ip_limited else None
+        if window is not None:
+            asked.append(services.limiter.sliding(self.dialect.name, request.client_ip, window))
+        return asked
+
+    async def _read(self, request: Incoming, reader: BodyReader) -> bytes | Failure:
+        """Stage 2, the raw body: read within bounds, not yet inflated."""
         services = self.services
+        if request.method == "GET":
+            return b""
+        try:
+            # The whole body within the deadline: a client trickling a
+            # byte at a time cannot hold a connection (and memory) forever.
+            return await reader.read(request.headers, self.endpoint.max_body, services.deadlines)
+        except TimeoutError:
+            return Failure(kind="bad_request",
+                           message=f"request body not received within {services.body_timeout:g} s")
+        except TooLarge:
+            # Consume the rest first (bounded), so the 413 can never be
+            # overtaken by a reset of a connection with unread data.
+            await reader.drain()
+            return Failure(kind="too_large", message="request body too large")
+        except Overloaded:
+            await reader.refuse(request.headers)
+            return Failure(kind="unavailable", message="too many request bytes in flight",
+                           retry_after=OVERLOADED_RETRY_AFTER)
+
+    def _translate(self, request: Incoming, raw: bytes) -> tuple[Batch | Failure, Incoming]:
+        """Stage 2's decoding and stage 3, the dialect's translation."""
         if request.method != "GET":
             try:
-                # The whole body within the deadline: a client trickling a
-                # byte at a time cannot hold a connection (and memory) forever.
-                raw = await reader.read(request.headers, self.endpoint.max_body, services.deadlines)
                 body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
-            except TimeoutError:
-                return Failure(kind="bad_request",
-                               message=f"request body not received within {services.body_timeout:g} s"), request
             except TooLarge:
-                # Consume the rest first (bounded), so the 413 can never be
-                # overtaken by a reset of a connection with unread data.
-                await reader.drain()
                 return Failure(kind="too_large", message="request body too large"), request
             except BadEncoding as exc:
                 return Failure(kind="bad_request", message=str(exc)), request
@@ -169,16 +232,15 @@ class Ingest:
                                details=(f"{field}: longer than {limit}",)), request
         return translated, request
 
-    async def _store(self, batch: Batch,
-                     lookup: tuple[list[Key], asyncio.Future[set[Key]]] | None = None) -> Outcome | Failure:
+    async def _store(self, batch: Batch) -> Outcome | Failure:
         services = self.services
         source = self.dialect.name
         rejections = [services.sampler.bound(r) for r in batch.rejections if services.sampler.admit(r)]
         for r in batch.rejections:
             services.metrics.rejection(source, r.reason)
         records: list[Record] = batch.records
-        keys, asked = lookup if lookup is not None else (_keys(records), None)
-        cached = await (asked or services.dedup.seen(keys)) if keys else set()
+        keys = _keys(records)
+        cached = await services.dedup.seen(keys) if keys else set()
         if cached:
             records = [
                 r for r in records
@@ -225,6 +287,47 @@ class Ingest:
             self.dialect.name, request.endpoint, reply.status, failure.kind,
             request.client_ip, failure.message[:200],
         )
+
+
+INTERNAL = Failure(kind="internal", message="internal error")
+# When even rendering the internal error fails.
+FALLBACK = Reply(status=500, body=b'{"error":"internal error"}')
+
+
+class ErrorLog:
+    """Unexpected exceptions, logged with their traceback at most once a
+    minute per (dialect, stage, error type); the rest are counted and the
+    count is given with the next one logged."""
+
+    PERIOD = 60.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str, str], float] = {}
+        self._quiet: Counter[tuple[str, str, str]] = Counter()
+
+    def report(self, dialect: str, stage: str, exc: BaseException) -> None:
+        key = (dialect, stage, type(exc).__qualname__)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.PERIOD:
+            self._quiet[key] += 1
+            return
+        self._last[key] = now
+        quiet = self._quiet.pop(key, 0)
+        log.error("unexpected error dialect=%s stage=%s error=%s (%d more since the last logged)",
+                  dialect, stage, key[2], quiet, exc_info=exc)
+
+
+async def _limited(admissions: list[asyncio.Future[int]]) -> Failure | None:
+    """The refusal of the most restrictive window that refused, if any."""
+    wait = 0
+    for admission in admissions:
+        wait = max(wait, await admission)
+    return _rate_limited(wait) if wait else None
+
+
+def _rate_limited(wait_ms: int) -> Failure:
+    return Failure(kind="rate_limited", message="rate limited", retry_after=retry_after_seconds(wait_ms))
 
 
 def _keys(records: list[Record]) -> list[Key]:

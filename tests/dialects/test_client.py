@@ -251,7 +251,7 @@ async def test_invalid_body_is_422_with_the_first_problem_and_every_problem_by_p
 
 
 async def test_unparseable_json_is_400_in_the_same_shape(backend) -> None:
-    # Deeper than the decoder allows is unparseable too.
+    # Deeper than the decoder allows is too deep (422 naming the event), not unparseable.
     nested = b"[" * 5000 + b"]" * 5000
     deep = b'{"anonymous_id":"a1","external_id":"u1","data":{"d":' + nested + b"}}"
     async with gateway(settings_for(backend)) as client:
@@ -264,10 +264,12 @@ async def test_unparseable_json_is_400_in_the_same_shape(backend) -> None:
                 b"{'anonymous_id': 'a1'}",
                 b"[1, 2,]",
                 b"nul",
-                too_deep,
             ):
                 reply = await client.post(f"/api/client/{endpoint}", headers=SHOP, content=body)
                 assert_error(reply, 400, case=f"{endpoint} {body[:20]!r}")
+            reply = await client.post(f"/api/client/{endpoint}", headers=SHOP, content=too_deep)
+            where = "0" if endpoint == "events" else "body"
+            assert_error(reply, 422, where, case=endpoint)
         assert await events_of(client) == []
         assert await profile_of(client, "u1") is None
 

@@ -1187,7 +1187,7 @@ async def test_delete_false_alone_creates_no_profile(backend) -> None:
         assert await profile_of(client, "ghost") is None
 
 
-async def test_an_error_quoting_a_long_key_is_answered_whole_and_not_kept(sqlite_backend) -> None:
+async def test_an_error_quoting_a_long_key_is_answered_cut_and_not_kept(sqlite_backend) -> None:
     # Short error bodies are encoded once and kept; one quoting a key of the
     # payload can be as long as the body, and a flood of them must not pile up.
     from dialects.cohorly import _plain_error
@@ -1199,4 +1199,6 @@ async def test_an_error_quoting_a_long_key_is_answered_whole_and_not_kept(sqlite
         long = await client.post("/engage", headers=SHOP, json={"distinct_id": "u", "$add": {key: "x"}})
         assert _plain_error.cache_info().currsize == kept
     assert assert_error(short, 400) == "$add.k must be a number"
-    assert assert_error(long, 400) == f"$add.{key} must be a number"
+    # Cut in the middle (DIALECTS.md, "Limits"): the field and the problem stay.
+    said = assert_error(long, 400)
+    assert said.startswith("$add.kkk") and said.endswith("k must be a number") and len(said) <= 300

@@ -41,7 +41,11 @@ ENDPOINTS: dict[str, list[str]] = {
 
 
 def settings(backend: dict[str, str], **sections: Any) -> Any:
-    return settings_for(backend, dialects=UNLIMITED, **sections)
+    """Unlimited dialects, with a test's own `dialects` tables merged in."""
+    dialects = {name: dict(table) for name, table in UNLIMITED.items()}
+    for name, table in sections.pop("dialects", {}).items():
+        dialects[name] = {**dialects.get(name, {}), **table}
+    return settings_for(backend, dialects=dialects, **sections)
 
 
 def request_args(dialect: str) -> dict[str, Any]:

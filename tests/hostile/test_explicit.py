@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from tests.hostile.helpers import (
-    COLLECT_QUERY,
     KB,
     MB,
     check_shape,
@@ -130,6 +129,12 @@ async def test_chunked_body_over_the_limit(backend: dict[str, str], path: str, l
 # -- structure -----------------------------------------------------------------------
 
 
+# Nested deeper than the decoder follows: the too-deep answer of each
+# dialect (DIALECTS.md, "Limits"); collect's batch is quarantined (200).
+DEEP_STATUS = {"/track": 400, "/engage": 400, "/alias": 400, "/api/client/events": 422,
+               "/api/client/identify": 422, "/v1/ingest": 400, "/events": 400, "/events/batch": 200}
+
+
 @pytest.mark.parametrize("path", [p for p, _, _ in LIMITS if p != "/events"] + ["/events"])
 async def test_deeply_nested_json(backend: dict[str, str], path: str) -> None:
     depth = 100_000
@@ -139,8 +144,8 @@ async def test_deeply_nested_json(backend: dict[str, str], path: str) -> None:
         before = await count_events(client)
         reply = await post(client, path, body)
         check_shape(dialect(path), reply)
-        # /events: 200 KB is over its 32 KB limit, also a 400.
-        assert reply.status_code == 400, reply.text
+        # /events: 200 KB is over its 32 KB limit, a 400.
+        assert reply.status_code == DEEP_STATUS[path], reply.text
         if path in ("/track", "/engage", "/alias"):
             assert "nested too deeply" in reply.json()["error"]
         await assert_nothing_stored(client, before)

@@ -10,6 +10,7 @@ request (`anyio.from_thread.run`), so the app's resources stay on one loop.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anyio
@@ -229,5 +230,107 @@ async def test_any_body_gets_a_documented_answer(backend: dict[str, str], dialec
         def prop(example: tuple[str, bytes, Any]) -> None:
             path, body, value = example
             anyio.from_thread.run(_one, client, dialect, path, body, value)
+
+        await anyio.to_thread.run_sync(prop)
+
+
+# -- query strings and headers ----------------------------------------------------
+
+MAX_ERROR_BYTES = 64 * 1024
+# Generous for a busy 2-core machine; a bound, not a benchmark.
+ANSWER_SECONDS = 5.0
+
+digits_like = st.one_of(
+    st.sampled_from(["1234", "99", "0", "-1", "1e3", " 12 ", "\u00b2", "\u0661\u0662", "\uff11", "1" * 5000,
+                     "9" * 19, "", "1234\x00"]),
+    st.text(alphabet="0123456789", min_size=1, max_size=30),
+)
+header_chars = st.characters(min_codepoint=0x20, max_codepoint=0x2FF, blacklist_characters="\x7f")
+header_texts = st.text(alphabet=header_chars, max_size=40)
+# A URL carries UTF-8: no lone surrogates (percent-encoded bytes that are not
+# UTF-8 are in `digits_like` and the bracket keys' odd forms).
+query_texts = st.one_of(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12),
+    st.sampled_from(["%ED%A0%80", "%FF", "%C2%B2", "a%00b", "%"]),
+)
+query_keys = st.one_of(
+    st.sampled_from(["tc_s", "token", "event_name", "event", "user[id]", "items[0][id]", "items[99999999999]",
+                     "a[]", "[", "]", "a]b[", "context[event_timestamp]", "verbose", "data", "ip"]),
+    st.integers(1, 1500).map(lambda n: "a" + "[b]" * n),
+    st.integers(1, 300).map(lambda n: "x" + "[0]" * n),
+    query_texts,
+)
+query_values = st.one_of(digits_like, query_texts, st.sampled_from(["src_shop", "tok_shop", "E", "1" * 5000]))
+queries = st.lists(st.tuples(query_keys, query_values), max_size=8)
+header_values = {
+    "content-length": digits_like,
+    "content-encoding": st.one_of(st.sampled_from(["gzip", "x-gzip", "br", "gzip, gzip", "identity", "GZIP", ""]),
+                                  header_texts),
+    "authorization": st.one_of(
+        st.sampled_from(["Bearer pk_shop", "Bearer ins_shop", "bearer sk_shop", "Bearer", "Bearer  ", "Basic x",
+                         "Bearer " + "k" * 5000, "Bearer pk_shop, Bearer pk_blog", "Bearer src_shop"]),
+        header_texts.map(lambda t: "Bearer " + t),
+    ),
+    "x-cohorly-token": st.one_of(st.sampled_from(["tok_shop", "tok_blog", "", "x" * 5000]), header_texts),
+    "x-forwarded-for": st.one_of(st.sampled_from(["1.2.3.4", "::1", "1.2.3.4, ::ffff:1.2.3.4", "x" * 3000]),
+                                 header_texts),
+    "origin": header_texts,
+    "user-agent": st.one_of(header_texts, st.just("ua" * 5000)),
+    "content-type": header_texts,
+}
+headers_strategy = st.fixed_dictionaries({}, optional=header_values)
+
+
+def small_valid_body(path: str) -> bytes:
+    from tests.hostile.test_explicit import valid_body
+
+    if path == "/api/client/alias":
+        return encode({"anonymous_id": "anon-p1", "external_id": "p1"})
+    if path == "/api/client/devices":
+        return encode({"external_id": "p1", "device_id": "d1", "os": "ios", "model": "m", "app_build": "1",
+                       "app_version": "1.0"})
+    return encode(valid_body(path))
+
+
+async def _one_request(client: httpx.AsyncClient, dialect: str, method: str, path: str,
+                       query: list[tuple[str, str]], headers: dict[str, str], with_body: bool) -> None:
+    before = await count_events(client)
+    args = request_args(dialect)
+    # As bytes: a server hands the app whatever bytes came (UTF-8 here).
+    sent_headers = {k: v.encode() for k, v in {**args["headers"], **headers}.items() if k != "content-length"}
+    params = [*args.get("params", {}).items(), *query] if "params" in args else query
+    body = small_valid_body(path) if with_body and method == "POST" else b""
+    request = client.build_request(method, path, params=params, headers=sent_headers,
+                                   content=body if method == "POST" else None)
+    if "content-length" in headers:
+        request.headers["content-length"] = headers["content-length"]
+    started = time.monotonic()
+    reply = await client.send(request)
+    took = time.monotonic() - started
+    assert took < ANSWER_SECONDS, (path, query, headers, took)
+    assert len(reply.content) <= MAX_ERROR_BYTES or reply.status_code == SUCCESS[dialect], len(reply.content)
+    check_shape(dialect, reply)
+    if reply.status_code != SUCCESS[dialect]:
+        assert await count_events(client) == before, (path, query, headers, reply.text[:300])
+
+
+@pytest.mark.parametrize("dialect", list(ENDPOINTS))
+async def test_any_query_and_headers_get_a_documented_answer(backend: dict[str, str], dialect: str) -> None:
+    """Hostile query strings and headers (odd digits, deep bracket keys,
+    odd encodings, credentials and lengths) on every endpoint: a documented
+    status in the dialect's shape, within a bound, an error body <= 64 KB,
+    nothing stored by a refused request."""
+    methods = ["POST", "GET"] if dialect == "collect" else ["POST"]
+    async with gateway(settings(backend)) as client:
+
+        @hsettings(max_examples=EXAMPLES, deadline=None, database=None,
+                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+        @given(st.sampled_from(methods), st.sampled_from(ENDPOINTS[dialect]), queries, headers_strategy,
+               st.booleans())
+        def prop(method: str, path: str, query: list[tuple[str, str]], headers: dict[str, str],
+                 with_body: bool) -> None:
+            if method == "GET":
+                path = "/events"
+            anyio.from_thread.run(_one_request, client, dialect, method, path, query, headers, with_body)
 
         await anyio.to_thread.run_sync(prop)
