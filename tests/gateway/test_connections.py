@@ -106,25 +106,29 @@ def _answer(sock: socket.socket, seconds: float) -> bytes:
 GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
+def _trickle_until_cut(sock: socket.socket, give_up: float = 12) -> float | None:
+    """Send a header byte every 0.5 s (every single read is prompt, the
+    headers never end) until the server closes: the seconds that took, or
+    None if it never did within `give_up`."""
+    started = time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - started < give_up:
+        try:
+            sock.sendall(b"X")
+            if sock.recv(65536) == b"":
+                return time.monotonic() - started
+        except TimeoutError:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - started
+    return None
+
+
 def test_headers_trickled_byte_by_byte_are_cut_off_at_read_timeout(sqlite_backend) -> None:
     with own_server(_settings(sqlite_backend, read_timeout=2)) as urls:
         loris = _connect(urls["public"])
         loris.sendall(b"POST /track HTTP/1.1\r\nHost: t\r\n")
-        started = time.monotonic()
-        # A header byte every 0.5 s: every single read is prompt, the headers never end.
-        cut = None
-        loris.settimeout(0.5)
-        while time.monotonic() - started < 12:
-            try:
-                loris.sendall(b"X")
-                if loris.recv(65536) == b"":
-                    cut = time.monotonic() - started
-                    break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                cut = time.monotonic() - started
-                break
+        cut = _trickle_until_cut(loris)
         loris.close()
         assert cut is not None, "the slow headers were never cut off"
         assert 1.5 <= cut < 6, cut
@@ -148,20 +152,7 @@ def test_the_next_request_on_a_kept_alive_connection_has_its_own_header_deadline
             assert _answer(sock, 5).startswith(b"HTTP/1.1 200"), "a prompt request was not answered"
             time.sleep(1.5)
         sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # then headers that never end
-        started = time.monotonic()
-        sock.settimeout(0.5)
-        cut = None
-        while time.monotonic() - started < 12:
-            try:
-                sock.sendall(b"X")
-                if sock.recv(65536) == b"":
-                    cut = time.monotonic() - started
-                    break
-            except TimeoutError:
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                cut = time.monotonic() - started
-                break
+        cut = _trickle_until_cut(sock)
         sock.close()
         assert cut is not None and cut < 6, cut
 
