@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 
 from gateway.app import build_app
 from gateway.config import Settings, from_dict
@@ -119,40 +120,54 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(settings: Settings) -> Iterator[str]:
-    """A real hypercorn server on a loopback port, in a thread; yields its URL."""
-    from hypercorn.asyncio import serve
-    from hypercorn.config import Config
+def own_server(settings: Settings) -> Iterator[dict[str, str]]:
+    """The app on `gateway.server`, as `dialgate serve` runs it (connection
+    limits, header deadline, admin listener), in a thread on the loopback
+    addresses of `settings`; yields {"public": url} and, with admin.bind,
+    {"admin": url}."""
+    from gateway import serve
+    from gateway.server import Limits, Listener
 
-    port = free_port()
-    config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.errorlog = None
     app = build_app(settings)
+    listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=False), app, "public")]
+    urls = {"public": f"http://{settings.server.bind}"}
+    if settings.admin.bind:
+        listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=False), app.admin, "admin"))
+        urls["admin"] = f"http://{settings.admin.bind}"
+    server = settings.server
+    limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
+    config = serve.hypercorn_config(graceful_timeout=4)
     thread = threading.Thread(
-        target=lambda: loop.run_until_complete(serve(app, config, shutdown_trigger=stop.wait)),
+        target=lambda: loop.run_until_complete(serve.serve(app, listeners, config, limits, stop.wait)),
         daemon=True,
     )
     thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    deadline = time.monotonic() + 20
+    while True:
         try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+            if httpx.get(urls["public"] + "/healthz", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
-        threading.Event().wait(0.05)
-    else:
-        raise RuntimeError("live server did not start")
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
     try:
-        yield url
+        yield urls
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=15)
         loop.close()
+
+
+@contextlib.contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """The gateway's own server on a free loopback port, in a thread; yields its URL."""
+    bound = msgspec.structs.replace(settings.server, bind=f"127.0.0.1:{free_port()}")
+    with own_server(msgspec.structs.replace(settings, server=bound)) as urls:
+        yield urls["public"]
 
 
 class OwnRedis:

@@ -5,58 +5,15 @@ served at once per listener, and cleartext HTTP/2 only when `server.h2c` is on."
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from gateway import serve
-from gateway.app import build_app
 from gateway.config import Settings
-from gateway.server import Limits, Listener
-from tests.support import free_port, settings_for
-
-
-@contextlib.contextmanager
-def own_server(settings: Settings) -> Iterator[dict[str, str]]:
-    """The app on `gateway.server` (as `dialgate serve` runs it), in a thread;
-    yields {"public": url} and, with admin.bind, {"admin": url}."""
-    app = build_app(settings)
-    listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=False), app, "public")]
-    urls = {"public": f"http://{settings.server.bind}"}
-    if settings.admin.bind:
-        listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=False), app.admin, "admin"))
-        urls["admin"] = f"http://{settings.admin.bind}"
-    server = settings.server
-    limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    config = serve.hypercorn_config(graceful_timeout=4)
-    thread = threading.Thread(
-        target=lambda: loop.run_until_complete(serve.serve(app, listeners, config, limits, stop.wait)),
-        daemon=True,
-    )
-    thread.start()
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(urls["public"] + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield urls
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=15)
-        loop.close()
+from tests.support import free_port, own_server, settings_for
 
 
 def _settings(sqlite_backend: dict[str, str], **server: Any) -> Settings:
