@@ -21,6 +21,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -220,7 +221,7 @@ def _person(anonymous_id: str | None, external_id: str | None) -> str:
 
 class Client(Dialect):
     name = "client"
-    credential_field = "client_keys"
+    credential_lists = (CredentialList(field="client_keys"),)
     Config = ClientConfig
 
     config: ClientConfig

@@ -19,6 +19,7 @@ import msgspec
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -82,7 +83,8 @@ def _is_number(value: Any) -> bool:
 
 class Cohorly(Dialect):
     name = "cohorly"
-    credential_field = "cohorly_tokens"
+    credential_lists = (CredentialList(field="cohorly_tokens"),)
+    cors_headers = ("X-Cohorly-Token",)
     Config = CohorlyConfig
 
     config: CohorlyConfig

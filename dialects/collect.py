@@ -26,6 +26,7 @@ import msgspec
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -60,6 +61,24 @@ class CollectConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_request_bytes: int = 32 * KB
     max_batch_bytes: int = 500 * KB
     max_event_bytes: int = 32 * KB  # per event of a batch, as compact JSON
+
+
+class CollectSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One `collect_sources` entry of a project: a site and its source key."""
+
+    site: int
+    token: str
+
+    def __repr__(self) -> str:
+        return f"CollectSource(site={self.site}, token=<masked>)"
+
+
+def _source_key(source: CollectSource) -> tuple[int, str]:
+    return (source.site, source.token)
+
+
+def _source_empty(source: CollectSource) -> bool:
+    return source.token == ""
 
 
 class Dropped(Exception):
@@ -144,7 +163,9 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 class Collect(Dialect):
     name = "collect"
-    credential_field = "collect_sources"
+    credential_lists = (
+        CredentialList(field="collect_sources", item=CollectSource, key=_source_key, empty=_source_empty),
+    )
     Config = CollectConfig
 
     config: CollectConfig

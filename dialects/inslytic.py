@@ -20,11 +20,13 @@ from msgspec import Meta
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
     Incoming,
     Outcome,
+    ProjectField,
     Reply,
     TokenBucket,
     bearer,
@@ -88,8 +90,11 @@ def unix_ms(value: str) -> int | None:
 
 class Inslytic(Dialect):
     name = "inslytic"
-    credential_field = "inslytic_keys"
-    project_fields = ("inslytic_events_per_minute",)
+    credential_lists = (CredentialList(field="inslytic_keys"),)
+    # Overrides [dialects.inslytic] events_per_minute for the project.
+    project_fields = (
+        ProjectField(field="inslytic_events_per_minute", type=Annotated[int, Meta(ge=1)] | None),
+    )
     Config = InslyticConfig
 
     config: InslyticConfig
