@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -236,6 +236,10 @@ class Client(Dialect):
     def _project(self, request: Incoming) -> str | None:
         key = bearer(request)
         return None if key is None else self.credentials.get(key)
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        key = bearer(request)
+        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if self._project(request) is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -179,6 +179,12 @@ class Collect(Dialect):
                                       max_body=single, per_ip=False))
             endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch, per_ip=False))
         return endpoints
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        query = dict(request.query)
+        token = bearer(request) or query.get("token")
+        site = query.get("tc_s", "").strip()
+        return ((int(site), token),) if token and _digits(site, 18) else ()
 
     def _project(self, request: Incoming) -> str | None:
         query = dict(request.query)

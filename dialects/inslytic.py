@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -113,6 +113,10 @@ class Inslytic(Dialect):
     def _project(self, request: Incoming) -> str | None:
         key = bearer(request)
         return None if key is None else self.credentials.get(key)
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        key = bearer(request)
+        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if request.endpoint != "health" and self._project(request) is None:
