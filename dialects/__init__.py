@@ -1,11 +1,3 @@
-"""The dialect registry: one line per vendor API Dialgate speaks."""
-
-from __future__ import annotations
-
-from dialects.base import Dialect
-from dialects.client import Client
-from dialects.collect import Collect
-from dialects.cohorly import Cohorly
-from dialects.inslytic import Inslytic
-
-REGISTRY: tuple[type[Dialect], ...] = (Cohorly, Client, Inslytic, Collect)
+"""The shipped dialects, one module per vendor API Dialgate speaks. They are
+registered in the `dialgate.dialects` entry-point group (pyproject.toml) and
+found there by `gateway.registry`, as a plug-in's would be."""

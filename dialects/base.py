@@ -19,14 +19,24 @@ such nesting. The pipeline caps every refusal's problem list and texts
 (`dialects.limits.bounded`) before `render`, and answers an exception out of
 `translate` or `render` as the `internal` kind.
 
-Adding a vendor: subclass `Dialect`, declare its endpoints, its credential
-field in `[[projects]]` and its `Config` struct, then add the class to
-`dialects.REGISTRY`.
+Everything vendor-specific is declared by the dialect, never spelled in
+`gateway/`: its endpoints and limits (`endpoints`, `ip_limit`,
+`project_limit`), the credential lists it adds to `[[projects]]`
+(`credential_lists`: key names are the contract), the per-project options it
+reads (`project_fields`, with their types and constraints), its
+`[dialects.<name>]` table (`Config`), the request headers browsers must be
+allowed to send (`cors_headers`) and its error shapes (`render`).
+
+Dialects are found through the `dialgate.dialects` entry-point group (the
+shipped ones too): an entry point named like the dialect, pointing at its
+class. Two dialects may serve one path: then the credential a request
+carries picks the dialect (`carried`), and one credential in the lists of
+two such dialects is a config error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import msgspec
@@ -116,26 +126,66 @@ class TokenBucket(msgspec.Struct, frozen=True):
     per_seconds: int = 60
 
 
+def _same(item: Hashable) -> Hashable:
+    return item
+
+
+def _empty_string(item: Any) -> bool:
+    return item == ""
+
+
+class CredentialList(msgspec.Struct, frozen=True, kw_only=True):
+    """A credential list a dialect adds to every `[[projects]]` table.
+
+    `field` is its key there (a contract: configs in the field use it),
+    `item` the type of one entry (a str, or a Struct with a masked repr).
+    `key` makes the value the dialect looks a request's credential up by
+    (the mapping a dialect gets is `key(item) -> project name`), `empty`
+    says when an entry is unusable (a config error). Keys are unique across
+    projects and lists: one credential names one project.
+    """
+
+    field: str
+    item: Any = str
+    key: Callable[[Any], Hashable] = _same
+    empty: Callable[[Any], bool] = _empty_string
+
+
+class ProjectField(msgspec.Struct, frozen=True, kw_only=True):
+    """A per-project setting a dialect reads from `[[projects]]` (such as a
+    limit a project may override): its key, its type with the constraints
+    beside it (`Annotated[int, Meta(ge=1)] | None`) and its default."""
+
+    field: str
+    type: Any
+    default: Any = None
+
+
 class Dialect:
     name: ClassVar[str]
-    # The `[[projects]]` field holding this dialect's credentials.
-    credential_field: ClassVar[str]
     # This dialect's `[dialects.<name>]` table; must have `enabled: bool`.
     Config: ClassVar[type[msgspec.Struct]]
-
-    # `[[projects]]` fields this dialect reads per project (e.g. a limit a
-    # project may override); handed over as `project_options[project][field]`.
-    project_fields: ClassVar[tuple[str, ...]] = ()
+    # What it adds to `[[projects]]`: credential lists (the first is the one
+    # handed over as `credentials`; all of them as `lookups`, by field) and
+    # per-project options, handed over as `project_options[project][field]`.
+    credential_lists: ClassVar[tuple[CredentialList, ...]] = ()
+    project_fields: ClassVar[tuple[ProjectField, ...]] = ()
+    # Request headers its browser SDKs send, allowed in CORS preflights.
+    cors_headers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         config: Any,
         credentials: Mapping[Any, str],
         project_options: Mapping[str, Mapping[str, Any]] | None = None,
+        lookups: Mapping[str, Mapping[Any, str]] | None = None,
     ) -> None:
         self.config = config
         self.credentials = credentials  # credential -> project name
         self.project_options = project_options or {}
+        if lookups is None:
+            lookups = {self.credential_lists[0].field: credentials} if self.credential_lists else {}
+        self.lookups = lookups  # every credential list's lookup, by field
 
     def endpoints(self) -> Sequence[Endpoint]:
         raise NotImplementedError
@@ -153,6 +203,14 @@ class Dialect:
         is empty here), such as an unknown header credential; None to go on
         and read the body. Cheap and pure: it runs for every request."""
         return None
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        """The credentials (lookup keys, as `CredentialList.key` makes them)
+        this request carries where this dialect looks: headers, query, body
+        (decoded here). Asked only on a path another dialect serves too, to
+        pick the dialect: the one whose lookups know one of them translates.
+        Return nothing for what this dialect could not parse."""
+        return ()
 
     def translate(self, request: Incoming) -> Batch | Failure:
         raise NotImplementedError

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -21,6 +21,7 @@ from msgspec import UNSET, Meta, UnsetType
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -220,7 +221,7 @@ def _person(anonymous_id: str | None, external_id: str | None) -> str:
 
 class Client(Dialect):
     name = "client"
-    credential_field = "client_keys"
+    credential_lists = (CredentialList(field="client_keys"),)
     Config = ClientConfig
 
     config: ClientConfig
@@ -235,6 +236,10 @@ class Client(Dialect):
     def _project(self, request: Incoming) -> str | None:
         key = bearer(request)
         return None if key is None else self.credentials.get(key)
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        key = bearer(request)
+        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if self._project(request) is None:

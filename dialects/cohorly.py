@@ -12,13 +12,14 @@ fault, which a generic decoder path does not say in the vendor's words.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import msgspec
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -82,7 +83,8 @@ def _is_number(value: Any) -> bool:
 
 class Cohorly(Dialect):
     name = "cohorly"
-    credential_field = "cohorly_tokens"
+    credential_lists = (CredentialList(field="cohorly_tokens"),)
+    cors_headers = ("X-Cohorly-Token",)
     Config = CohorlyConfig
 
     config: CohorlyConfig
@@ -97,6 +99,30 @@ class Cohorly(Dialect):
 
     def ip_limit(self) -> SlidingWindow | None:
         return self.config.rate_limit
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        """Each record's token (its own, else the header's), as translation
+        resolves them; just the header's when the body is not JSON."""
+        header_token = request.headers.get("x-cohorly-token")
+        try:
+            body = msgspec.json.decode(request.body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return () if header_token is None else (header_token,)
+        tokens: set[Hashable] = set()
+        for item in body if type(body) is list else [body]:
+            if type(item) is not dict:
+                continue
+            if request.endpoint == "track":
+                props = item.get("properties")
+                token = props.get("token") if type(props) is dict else None
+            elif request.endpoint == "engage":
+                token = item.get("token", item.get("$token"))
+            else:
+                token = item.get("token")
+            token = token if token is not None else header_token
+            if type(token) is str:
+                tokens.add(token)
+        return tokens
 
     # -- translation -------------------------------------------------------
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 import msgspec
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
@@ -60,6 +61,24 @@ class CollectConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
     max_request_bytes: int = 32 * KB
     max_batch_bytes: int = 500 * KB
     max_event_bytes: int = 32 * KB  # per event of a batch, as compact JSON
+
+
+class CollectSource(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One `collect_sources` entry of a project: a site and its source key."""
+
+    site: int
+    token: str
+
+    def __repr__(self) -> str:
+        return f"CollectSource(site={self.site}, token=<masked>)"
+
+
+def _source_key(source: CollectSource) -> tuple[int, str]:
+    return (source.site, source.token)
+
+
+def _source_empty(source: CollectSource) -> bool:
+    return source.token == ""
 
 
 class Dropped(Exception):
@@ -144,7 +163,9 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 class Collect(Dialect):
     name = "collect"
-    credential_field = "collect_sources"
+    credential_lists = (
+        CredentialList(field="collect_sources", item=CollectSource, key=_source_key, empty=_source_empty),
+    )
     Config = CollectConfig
 
     config: CollectConfig
@@ -158,6 +179,12 @@ class Collect(Dialect):
                                       max_body=single, per_ip=False))
             endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch, per_ip=False))
         return endpoints
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        query = dict(request.query)
+        token = bearer(request) or query.get("token")
+        site = query.get("tc_s", "").strip()
+        return ((int(site), token),) if token and _digits(site, 18) else ()
 
     def _project(self, request: Incoming) -> str | None:
         query = dict(request.query)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -20,11 +20,13 @@ from msgspec import Meta
 
 from dialects.base import (
     Batch,
+    CredentialList,
     Dialect,
     Endpoint,
     Failure,
     Incoming,
     Outcome,
+    ProjectField,
     Reply,
     TokenBucket,
     bearer,
@@ -88,8 +90,11 @@ def unix_ms(value: str) -> int | None:
 
 class Inslytic(Dialect):
     name = "inslytic"
-    credential_field = "inslytic_keys"
-    project_fields = ("inslytic_events_per_minute",)
+    credential_lists = (CredentialList(field="inslytic_keys"),)
+    # Overrides [dialects.inslytic] events_per_minute for the project.
+    project_fields = (
+        ProjectField(field="inslytic_events_per_minute", type=Annotated[int, Meta(ge=1)] | None),
+    )
     Config = InslyticConfig
 
     config: InslyticConfig
@@ -108,6 +113,10 @@ class Inslytic(Dialect):
     def _project(self, request: Incoming) -> str | None:
         key = bearer(request)
         return None if key is None else self.credentials.get(key)
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        key = bearer(request)
+        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if request.endpoint != "health" and self._project(request) is None:

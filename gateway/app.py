@@ -11,13 +11,13 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from dialects import REGISTRY
 from gateway.admin import Admin, AdminLog
-from gateway.config import Settings, credentials_for, project_options
+from gateway.config import Settings, lookups_for, project_options
 from gateway.dedup import Dedup
-from gateway.http import ClientAddress
+from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
+from gateway.shared import Shared
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter
 from gateway.redislink import RedisLink
@@ -45,6 +45,8 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         body_timeout=settings.server.read_timeout,
         max_inflight_bytes=settings.server.max_inflight_bytes,
         per_ip=settings.limits.per_ip,
+        # Every installed dialect's, enabled or not: one answer for all paths.
+        allow_headers=Cors.allow_headers(h for d in settings.registry for h in d.cors_headers),
     )
     state = State()
     state.metrics = metrics
@@ -52,18 +54,10 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     # path -> (methods, app): the ingestion routes, dispatched by exact path
     # ahead of Starlette's stack (this is the hot path; admin goes through it).
     ingestion: dict[str, tuple[frozenset[str], Any]] = {}
-    for dialect_class in REGISTRY:
-        config = settings.dialect_config(dialect_class.name)
-        if not config.enabled:
-            continue
-        dialect = dialect_class(
-            config,
-            credentials_for(settings, dialect_class.credential_field),
-            project_options(settings, dialect_class.project_fields),
-        )
-        for endpoint in dialect.endpoints():
-            methods = frozenset((*endpoint.methods, "OPTIONS"))
-            ingestion[endpoint.path] = (methods, Ingest(dialect, endpoint, services))
+    for path, members in _routes(settings, services).items():
+        methods = frozenset(m for member in members for m in (*member.endpoint.methods, "OPTIONS"))
+        # A path of several dialects picks one per request (gateway.shared).
+        ingestion[path] = (methods, members[0] if len(members) == 1 else Shared(members, services))
     admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state,
                   retry_after=settings.storage.unavailable_retry_after)
     # With admin.bind the admin API, /readyz and /metrics are served by an
@@ -124,6 +118,26 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     dispatch = Dispatch(ingestion, app if admin_app is not None else AdminLog(app))
     dispatch.admin = Dispatch({}, admin_app) if admin_app is not None else None
     return dispatch
+
+
+def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:
+    """path -> one route per enabled dialect serving it, in registry order."""
+    routes: dict[str, list[Ingest]] = {}
+    for dialect_class in settings.registry:
+        config = settings.dialect_config(dialect_class.name)
+        if not config.enabled:
+            continue
+        lookups = lookups_for(settings, dialect_class)
+        primary = dialect_class.credential_lists[0].field if dialect_class.credential_lists else None
+        dialect = dialect_class(
+            config,
+            lookups[primary] if primary is not None else {},
+            project_options(settings, dialect_class.project_fields),
+            lookups,
+        )
+        for endpoint in dialect.endpoints():
+            routes.setdefault(endpoint.path, []).append(Ingest(dialect, endpoint, services))
+    return routes
 
 
 class Dispatch:

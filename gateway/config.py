@@ -8,19 +8,20 @@ string that the typed decode converts (`"8"` to 8 for an int field).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta
 
-from dialects import REGISTRY
-from dialects.base import SlidingWindow
+from dialects.base import CredentialList, Dialect, ProjectField, SlidingWindow
+from gateway.registry import PluginError, Registry, discover
 
 ENV_PREFIX = "DIALGATE_"
 
@@ -105,22 +106,11 @@ class AdminConfig(_Base):
         return f"AdminConfig(keys=<{len(self.keys)} masked>)"
 
 
-class CollectSource(_Base):
-    site: int
-    token: str
-
-    def __repr__(self) -> str:
-        return f"CollectSource(site={self.site}, token=<masked>)"
-
-
 class ProjectConfig(_Base):
+    """One `[[projects]]` table. Its other keys are the dialects': each
+    dialect's credential lists and per-project options (`schema` adds them)."""
+
     name: str
-    cohorly_tokens: list[str] = []
-    client_keys: list[str] = []
-    inslytic_keys: list[str] = []
-    collect_sources: list[CollectSource] = []
-    # Overrides [dialects.inslytic] events_per_minute for this project.
-    inslytic_events_per_minute: Annotated[int, Meta(ge=1)] | None = None
 
     def __repr__(self) -> str:
         return f"ProjectConfig(name={self.name!r}, credentials=<masked>)"
@@ -142,16 +132,15 @@ class LimitsConfig(_Base):
     per_ip: SlidingWindow | None = None
 
 
-DialectsConfig: type[msgspec.Struct] = msgspec.defstruct(
-    "DialectsConfig",
-    [(d.name, d.Config, msgspec.field(default_factory=d.Config)) for d in REGISTRY],
-    frozen=True,
-    forbid_unknown_fields=True,
-    kw_only=True,
-)
-
-
 class Settings(_Base):
+    """The whole configuration. What the dialects add (`projects`' keys
+    beyond `name`, the `dialects` section) depends on the registry: the
+    Settings of one registry is the subclass `schema(registry)` makes,
+    which knows its registry."""
+
+    # The dialects this configuration was read for, in their order.
+    registry: ClassVar[Registry] = ()
+
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
@@ -159,13 +148,48 @@ class Settings(_Base):
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     projects: list[ProjectConfig] = []
-    dialects: DialectsConfig = msgspec.field(default_factory=DialectsConfig)  # type: ignore[valid-type]
+    dialects: Any = None  # one `[dialects.<name>]` table per dialect
 
     def dialect_config(self, name: str) -> Any:
         return getattr(self.dialects, name)
 
 
-def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None) -> Settings:
+@functools.cache
+def schema(registry: Registry) -> type[Settings]:
+    """Settings with the `[[projects]]` keys and `[dialects.*]` tables of
+    these dialects (each dialect's `credential_lists`, `project_fields` and
+    `Config`), strict like the rest."""
+    project_fields: list[tuple[str, Any, Any]] = []
+    for dialect in registry:
+        for credential in dialect.credential_lists:
+            project_fields.append((credential.field, list[credential.item], msgspec.field(default_factory=list)))
+        for option in dialect.project_fields:
+            project_fields.append((option.field, option.type, option.default))
+    project = msgspec.defstruct("ProjectConfig", project_fields, bases=(ProjectConfig,), module=__name__)
+    dialects = msgspec.defstruct(
+        "DialectsConfig",
+        [(d.name, d.Config, msgspec.field(default_factory=d.Config)) for d in registry],
+        frozen=True,
+        forbid_unknown_fields=True,
+        kw_only=True,
+        module=__name__,
+    )
+    return msgspec.defstruct(
+        "Settings",
+        [
+            ("projects", list[project], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
+            ("dialects", dialects, msgspec.field(default_factory=dialects)),
+        ],
+        bases=(Settings,),
+        namespace={"registry": registry},
+        module=__name__,
+    )
+
+
+def load(
+    path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None,
+    registry: Registry | None = None,
+) -> Settings:
     """Read a TOML file (or nothing), fold in the environment, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
@@ -177,21 +201,31 @@ def load(path: str | os.PathLike[str] | None, environ: Mapping[str, str] | None 
             raise ConfigError(f"{path}: not UTF-8 text") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(raw, os.environ if environ is None else environ)
+    return from_dict(raw, os.environ if environ is None else environ, registry)
 
 
-def from_dict(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
-    data = _apply_env(raw, environ or {}, _defaults())
+def from_dict(
+    raw: dict[str, Any], environ: Mapping[str, str] | None = None, registry: Registry | None = None
+) -> Settings:
+    """Settings for the installed dialects (`gateway.registry.discover`),
+    or for the ones given."""
+    if registry is None:
+        try:
+            registry = discover()
+        except PluginError as exc:
+            raise ConfigError(str(exc)) from None
+    settings_type = schema(registry)
+    data = _apply_env(raw, environ or {}, _defaults(settings_type))
     try:
-        settings = msgspec.convert(data, Settings, strict=False)
+        settings = msgspec.convert(data, settings_type, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_phrase(str(exc))) from None
     _check(settings)
     return settings
 
 
-def _defaults() -> dict[str, Any]:
-    return msgspec.to_builtins(Settings())  # type: ignore[no-any-return]
+def _defaults(settings_type: type[Settings]) -> dict[str, Any]:
+    return msgspec.to_builtins(settings_type())  # type: ignore[no-any-return]
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -249,25 +283,7 @@ def _phrase(message: str) -> str:
 
 
 def _check(settings: Settings) -> None:
-    owner: dict[Any, str] = {}
-    names: set[str] = set()
-    for index, project in enumerate(settings.projects):
-        if not project.name:
-            raise ConfigError(f"projects[{index}].name: must not be empty")
-        if project.name in names:
-            raise ConfigError(f"projects[{index}].name: duplicate project {project.name!r}")
-        names.add(project.name)
-        for field in ("cohorly_tokens", "client_keys", "inslytic_keys", "collect_sources"):
-            for item in getattr(project, field):
-                key = (item.site, item.token) if isinstance(item, CollectSource) else item
-                if key == "" or (isinstance(key, tuple) and key[1] == ""):
-                    raise ConfigError(f"projects[{index}].{field}: empty credential")
-                previous = owner.setdefault(key, project.name)
-                if previous != project.name:
-                    raise ConfigError(
-                        f"projects[{index}].{field}: a credential of project "
-                        f"{project.name!r} is also used by project {previous!r}"
-                    )
+    _check_credentials(settings)
     for index, cidr in enumerate(settings.server.trusted_proxies):
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -350,19 +366,75 @@ def _check_url(key: str, url: str, schemes: tuple[str, ...]) -> None:
             raise ConfigError(f"{key}: invalid port in {_mask_url(url)!r}")
 
 
-def credentials_for(settings: Settings, field: str) -> dict[Any, str]:
-    """credential -> project name, for one `[[projects]]` credential field."""
+def _check_credentials(settings: Settings) -> None:
+    """Project names are unique and given; every credential is usable and
+    names one project (whichever list it is in); and no credential is in
+    the lists of two dialects that share a path, where it could not pick
+    the dialect (a rule of shared paths, see `dialects.base`)."""
+    shared = _shared_paths(settings)
+    owner: dict[Hashable, tuple[str, str, str]] = {}  # key -> (project, field, dialect)
+    names: set[str] = set()
+    for index, project in enumerate(settings.projects):
+        if not project.name:
+            raise ConfigError(f"projects[{index}].name: must not be empty")
+        if project.name in names:
+            raise ConfigError(f"projects[{index}].name: duplicate project {project.name!r}")
+        names.add(project.name)
+        for dialect in settings.registry:
+            for credential in dialect.credential_lists:
+                field = credential.field
+                for item in getattr(project, field):
+                    if credential.empty(item):
+                        raise ConfigError(f"projects[{index}].{field}: empty credential")
+                    previous = owner.setdefault(credential.key(item), (project.name, field, dialect.name))
+                    if previous[0] != project.name:
+                        raise ConfigError(
+                            f"projects[{index}].{field}: a credential of project "
+                            f"{project.name!r} is also used by project {previous[0]!r}"
+                        )
+                    path = shared.get(frozenset((previous[2], dialect.name)))
+                    if path is not None:
+                        raise ConfigError(
+                            f"projects[{index}].{field}: a credential of project {project.name!r} is also in "
+                            f"its {previous[1]}; dialects {previous[2]} and {dialect.name} share {path}, where "
+                            "the credential picks the dialect"
+                        )
+
+
+def _shared_paths(settings: Settings) -> dict[frozenset[str], str]:
+    """{the names of two enabled dialects: a path both serve}."""
+    served: dict[str, list[str]] = {}
+    for dialect in settings.registry:
+        config = settings.dialect_config(dialect.name)
+        if config.enabled:
+            for endpoint in dialect(config, {}).endpoints():
+                served.setdefault(endpoint.path, []).append(dialect.name)
+    shared: dict[frozenset[str], str] = {}
+    for path, dialects in served.items():
+        for a in dialects:
+            for b in dialects:
+                if a != b:
+                    shared.setdefault(frozenset((a, b)), path)
+    return shared
+
+
+def credentials_for(settings: Settings, credential: CredentialList) -> dict[Any, str]:
+    """credential key -> project name, for one credential list of a dialect."""
     table: dict[Any, str] = {}
     for project in settings.projects:
-        for item in getattr(project, field):
-            key = (item.site, item.token) if isinstance(item, CollectSource) else item
-            table[key] = project.name
+        for item in getattr(project, credential.field):
+            table[credential.key(item)] = project.name
     return table
 
 
-def project_options(settings: Settings, fields: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def lookups_for(settings: Settings, dialect: type[Dialect]) -> dict[str, dict[Any, str]]:
+    """Every credential list's lookup of a dialect, by field."""
+    return {c.field: credentials_for(settings, c) for c in dialect.credential_lists}
+
+
+def project_options(settings: Settings, fields: tuple[ProjectField, ...]) -> dict[str, dict[str, Any]]:
     """project name -> {field: value} for the `[[projects]]` fields a dialect reads."""
-    return {p.name: {f: getattr(p, f) for f in fields} for p in settings.projects}
+    return {p.name: {f.field: getattr(p, f.field) for f in fields} for p in settings.projects}
 
 
 def _mask_url(url: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 Scope = dict[str, Any]
@@ -271,14 +271,25 @@ class Cors:
     every request a coroutine and a wrapped `send`)."""
 
     ALLOW_METHODS = b"GET, POST, OPTIONS"
-    DEFAULT_HEADERS = b"Content-Type, Content-Encoding, Authorization, X-Cohorly-Token"
+    # Allowed when a preflight names none, with the headers the dialects
+    # declare (`Dialect.cors_headers`, see `allow_headers`).
+    DEFAULT_HEADERS = ("Content-Type", "Content-Encoding", "Authorization")
 
     @classmethod
-    async def preflight(cls, scope: Scope, send: Any) -> None:
+    def allow_headers(cls, extra: Iterable[str]) -> bytes:
+        """The preflight's default `Access-Control-Allow-Headers`."""
+        names = list(cls.DEFAULT_HEADERS)
+        for name in extra:
+            if name.lower() not in {n.lower() for n in names}:
+                names.append(name)
+        return ", ".join(names).encode("latin-1")
+
+    @classmethod
+    async def preflight(cls, scope: Scope, send: Any, allow_headers: bytes) -> None:
         requested = _header(scope, b"access-control-request-headers")
         headers = [
             (b"access-control-allow-methods", cls.ALLOW_METHODS),
-            (b"access-control-allow-headers", requested or cls.DEFAULT_HEADERS),
+            (b"access-control-allow-headers", requested or allow_headers),
             (b"access-control-max-age", b"86400"),
             *cls._origin_headers(_header(scope, b"origin")),
         ]

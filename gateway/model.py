@@ -74,8 +74,8 @@ class ProfileUpdate(msgspec.Struct, frozen=True, kw_only=True):
 class Alias(msgspec.Struct, frozen=True, kw_only=True):
     """Link `alias` (the anonymous id) to the person of `distinct_id`.
 
-    `strict` means the caller is told when the link cannot be made (Cohorly's
-    /alias answers 400); otherwise a failed link is recorded as a rejection
+    `strict` means the caller is told when the link cannot be made (a
+    dialect's alias endpoint answers 400); otherwise a failed link is recorded as a rejection
     and the request still succeeds.
     """
 

@@ -1,5 +1,8 @@
 """The ingestion pipeline, the same ordered stages for every dialect:
 
+0. on a path several dialects serve (`Shared`), the dialect is picked by the
+   credential the request carries, once its body is decoded (stage 2);
+   everything else runs as for a path of one dialect
 1. per-client-IP limits: `[limits] per_ip` and the dialect's own window
    (they need neither the credentials nor the body, so they are asked
    first and their answer wins; in Redis they are answered while the raw
@@ -78,10 +81,12 @@ class Services:
     def __init__(self, *, client_address: ClientAddress, sampler: Sampler, metrics: Metrics,
                  unavailable_retry_after: int, body_timeout: float = 30.0,
                  max_inflight_bytes: int = 64 * 1024 * 1024, per_ip: SlidingWindow | None = None,
+                 allow_headers: bytes = Cors.allow_headers(()),
                  clock: Callable[[], int] = now_ms) -> None:
         self.body_timeout = body_timeout
         self.inflight = InflightBytes(max_inflight_bytes)
         self.per_ip = per_ip
+        self.allow_headers = allow_headers
         self.errors = ErrorLog()
         self.deadlines = Deadlines(body_timeout)
         self.client_address = client_address
@@ -101,7 +106,7 @@ class Ingest:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] == "OPTIONS":
-            await Cors.preflight(scope, send)
+            await Cors.preflight(scope, send, self.services.allow_headers)
             return
         started = time.perf_counter()
         services = self.services
@@ -116,9 +121,12 @@ class Ingest:
             client_ip=services.client_address(scope, headers),
             received_at=services.clock(),
         )
+        # The route that answers: this one, or on a shared path the one the
+        # credential picked.
+        route = self
         try:
             try:
-                result, request = await self._run(request, reader)
+                result, request, route = await self._run(request, reader)
             except ClientGone:
                 return
             except Exception as exc:  # noqa: BLE001 (a bug: still answered in the dialect's shape)
@@ -126,14 +134,14 @@ class Ingest:
                 result = INTERNAL
             if isinstance(result, Failure):
                 result = bounded(result)
-            reply = self._render(request, result)
+            reply = route._render(request, result)
         finally:
             reader.release()
         if isinstance(result, Failure):
-            self._log_rejected(request, result, reply)
+            route._log_rejected(request, result, reply)
         await _send(send, reply, Cors.headers(headers.get("origin")))
         await reader.drain()
-        services.metrics.observe(self.dialect.name, time.perf_counter() - started)
+        services.metrics.observe(route.dialect.name, time.perf_counter() - started)
 
     def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         try:
@@ -146,8 +154,7 @@ class Ingest:
             self.services.errors.report(self.dialect.name, "render", exc)
             return FALLBACK
 
-    async def _run(self, request: Incoming, reader: BodyReader) -> tuple[Outcome | Failure, Incoming]:
-        services = self.services
+    async def _run(self, request: Incoming, reader: BodyReader) -> tuple[Outcome | Failure, Incoming, Ingest]:
         # The client's windows are asked first and their answer comes first:
         # over a limit, the request is refused whatever its credentials or
         # body. Redis answers while the raw body is read; the answer is
@@ -155,26 +162,34 @@ class Ingest:
         admissions = self._admissions(request)
         refused = self.dialect.precheck(request)
         if refused is not None:
-            if (limited := await _limited(admissions)) is not None:
+            if (limited := await refusal_of(admissions)) is not None:
                 refused = limited
             await reader.refuse(request.headers)
-            return refused, request
+            return refused, request, self
         raw = await self._read(request, reader)
-        if (limited := await _limited(admissions)) is not None:
+        if (limited := await refusal_of(admissions)) is not None:
             await reader.drain()
-            return limited, request
+            return limited, request, self
         if isinstance(raw, Failure):
-            return raw, request
-        translated, request = self._translate(request, raw)
+            return raw, request, self
+        decoded = self._decode(request, raw)
+        if isinstance(decoded, Failure):
+            return decoded, request, self
+        return await self._process(decoded), decoded, self
+
+    async def _process(self, request: Incoming) -> Outcome | Failure:
+        """Stages 3 to 6, for a request whose body is read and decoded."""
+        translated = self._translate(request)
         if isinstance(translated, Failure):
-            return translated, request
+            return translated
         if translated.cost and translated.project is not None:
             bucket = self.dialect.project_limit(translated.project)
             if bucket is not None:
-                wait = await services.limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
+                limiter = self.services.limiter
+                wait = await limiter.bucket(self.dialect.name, translated.project, bucket, translated.cost)
                 if wait:
-                    return _rate_limited(wait), request
-        return await self._store(translated), request
+                    return _rate_limited(wait)
+        return await self._store(translated)
 
     def _admissions(self, request: Incoming) -> list[asyncio.Future[int]]:
         services, endpoint = self.services, self.endpoint
@@ -202,35 +217,39 @@ class Ingest:
             # Consume the rest first (bounded), so the 413 can never be
             # overtaken by a reset of a connection with unread data.
             await reader.drain()
-            return Failure(kind="too_large", message="request body too large")
+            return TOO_LARGE
         except Overloaded:
             await reader.refuse(request.headers)
             return Failure(kind="unavailable", message="too many request bytes in flight",
                            retry_after=OVERLOADED_RETRY_AFTER)
 
-    def _translate(self, request: Incoming, raw: bytes) -> tuple[Batch | Failure, Incoming]:
-        """Stage 2's decoding and stage 3, the dialect's translation."""
-        if request.method != "GET":
-            try:
-                body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
-            except TooLarge:
-                return Failure(kind="too_large", message="request body too large"), request
-            except BadEncoding as exc:
-                return Failure(kind="bad_request", message=str(exc)), request
-            request = Incoming(
-                endpoint=request.endpoint, method=request.method, headers=request.headers,
-                query=request.query, body=body, client_ip=request.client_ip,
-                received_at=request.received_at,
-            )
+    def _decode(self, request: Incoming, raw: bytes) -> Incoming | Failure:
+        """Stage 2's decoding: the request with its body inflated."""
+        if request.method == "GET":
+            return request
+        try:
+            body = decode_body(raw, request.headers.get("content-encoding", ""), self.endpoint.max_body)
+        except TooLarge:
+            return TOO_LARGE
+        except BadEncoding as exc:
+            return Failure(kind="bad_request", message=str(exc))
+        return Incoming(
+            endpoint=request.endpoint, method=request.method, headers=request.headers,
+            query=request.query, body=body, client_ip=request.client_ip,
+            received_at=request.received_at,
+        )
+
+    def _translate(self, request: Incoming) -> Batch | Failure:
+        """Stage 3, the dialect's translation, and the ids' length limits."""
         translated = self.dialect.translate(request)
         if isinstance(translated, Failure):
-            return translated, request
+            return translated
         for record in translated.records:
             if (field := long_id(record)) is not None:
                 limit = f"{MAX_INSERT_ID} characters" if field == "insert_id" else f"{MAX_ID_BYTES} bytes"
                 return Failure(kind="invalid", message=f"{field} is longer than {limit}",
-                               details=(f"{field}: longer than {limit}",)), request
-        return translated, request
+                               details=(f"{field}: longer than {limit}",))
+        return translated
 
     async def _store(self, batch: Batch) -> Outcome | Failure:
         services = self.services
@@ -290,6 +309,7 @@ class Ingest:
 
 
 INTERNAL = Failure(kind="internal", message="internal error")
+TOO_LARGE = Failure(kind="too_large", message="request body too large")
 # When even rendering the internal error fails.
 FALLBACK = Reply(status=500, body=b'{"error":"internal error"}')
 
@@ -318,7 +338,7 @@ class ErrorLog:
                   dialect, stage, key[2], quiet, exc_info=exc)
 
 
-async def _limited(admissions: list[asyncio.Future[int]]) -> Failure | None:
+async def refusal_of(admissions: list[asyncio.Future[int]]) -> Failure | None:
     """The refusal of the most restrictive window that refused, if any."""
     wait = 0
     for admission in admissions:

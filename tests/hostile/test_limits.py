@@ -500,10 +500,10 @@ async def test_odd_content_length_headers(backend: dict[str, str], path: str, va
 async def test_an_unexpected_error_is_answered_in_the_dialect_shape_and_logged_once(
     backend: dict[str, str], path: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import dialects
+    from gateway.registry import discover
 
     dialect = dialect_of(path)
-    cls = next(d for d in dialects.REGISTRY if d.name == dialect)
+    cls = next(d for d in discover() if d.name == dialect)
 
     def broken(self: Any, request: Any) -> Any:
         raise ZeroDivisionError("a bug")
