@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -135,6 +135,11 @@ class QuarantineConfig(_Base):
     keep_days: int = 30
 
 
+class SinkConfig(_Base):
+    # Where accepted records go: "database" writes the tables of [storage] url.
+    kind: Literal["database"] = "database"
+
+
 class LimitsConfig(_Base):
     # At most `requests` per client IP in any `per_seconds` on every
     # ingestion endpoint that may answer 429 (not collect, not /health);
@@ -158,6 +163,7 @@ class Settings(_Base):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     projects: list[ProjectConfig] = []
     dialects: DialectsConfig = msgspec.field(default_factory=DialectsConfig)  # type: ignore[valid-type]
 
