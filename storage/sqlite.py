@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +28,6 @@ from storage.groups import Pending, clean, events_only, plan_events, settle_even
 from storage.sink import SinkOptions, Written
 from storage.sql import SQLITE_INSERT_PLAIN, SQLITE_ROW, SQLITE_ROWS
 from storage.transaction import Transaction
-
-log = logging.getLogger("dialgate.writer")
 
 # How long a group waits for SQLite's write lock held by another process.
 LOCK_WAIT = 30.0

@@ -29,10 +29,6 @@ from storage.sql import (
 InsertEvents = Callable[[list[Event]], Awaitable[set[tuple[str, str, str]] | None]]
 
 
-async def _no_events(events: list[Event]) -> set[tuple[str, str, str]] | None:
-    raise RuntimeError("this transaction was given no route for events")
-
-
 # Seconds of profile work between two chances for the event loop.
 _SLICE = 0.005
 
@@ -61,7 +57,7 @@ class Transaction:
         self.conn = conn
         # The backend's route for events (storage.sqlite, storage.postgres):
         # the keys stored, None if all were.
-        self.insert: InsertEvents = insert or _no_events
+        self.insert: InsertEvents | None = insert
         self.backend = backend
         self.now = now
         self.max_profile_bytes = max_profile_bytes
@@ -103,6 +99,7 @@ class Transaction:
             rejections = []
         fresh, owner = plan_events(group, results)
         if fresh:
+            assert self.insert is not None, "a transaction writing events needs the backend's route"
             settle_events(owner, await self.insert(fresh), results)
         if identity:
             # Under the lock, so what is read stays true until commit.
