@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from storage import queries
-from storage.writer import is_unavailable
+from storage.faults import is_unavailable
 
 log = logging.getLogger("dialgate")
 

@@ -23,7 +23,8 @@ from gateway.ratelimit import Limiter
 from gateway.redislink import RedisLink
 from storage.engine import create_engine
 from storage.migrate import upgrade
-from storage.writer import Writer
+from storage.factory import open_sink
+from storage.sink import SinkKind, SinkOptions
 
 log = logging.getLogger("dialgate")
 
@@ -72,6 +73,14 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         admin_app = AdminLog(admin_app)
         routes = [admin.health_route()]
     should_migrate = settings.storage.migrate_on_start if migrate is None else migrate
+    sink_options = SinkOptions(
+        max_rows=settings.storage.batch_max_rows,
+        delay_ms=settings.storage.batch_delay_ms,
+        lanes=settings.storage.writer_lanes,
+        max_backlog_rows=settings.storage.max_backlog_rows,
+        max_profile_bytes=settings.storage.max_profile_bytes,
+        keep_days=settings.quarantine.keep_days,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -87,26 +96,17 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             )
             if not await link.ping():
                 log.warning("starting without redis; limits are in-process until it answers")
-        writer = Writer(
-            engine,
-            max_rows=settings.storage.batch_max_rows,
-            delay_ms=settings.storage.batch_delay_ms,
-            clock=services.clock,
-            admit=sampler.admit,
-            lanes=settings.storage.writer_lanes,
-            max_backlog_rows=settings.storage.max_backlog_rows,
-            max_profile_bytes=settings.storage.max_profile_bytes,
-            keep_days=settings.quarantine.keep_days,
-        )
-        writer.start()
-        services.writer = writer
+        sink = open_sink(SinkKind(settings.sink.kind), engine, sink_options, clock=services.clock,
+                         admit=sampler.admit)
+        sink.start()
+        services.sink = sink
         services.limiter = Limiter(link)
         services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
         state.engine, state.redis = engine, link
         try:
             yield
         finally:
-            await writer.close()
+            await sink.close()
             await services.dedup.close()
             if link is not None:
                 await link.close()

@@ -15,7 +15,7 @@ import os
 import tomllib
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -125,6 +125,11 @@ class QuarantineConfig(_Base):
     keep_days: int = 30
 
 
+class SinkConfig(_Base):
+    # Where accepted records go: "database" writes the tables of [storage] url.
+    kind: Literal["database"] = "database"
+
+
 class LimitsConfig(_Base):
     # At most `requests` per client IP in any `per_seconds` on every
     # ingestion endpoint that may answer 429 (not collect, not /health);
@@ -147,6 +152,7 @@ class Settings(_Base):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     projects: list[ProjectConfig] = []
     dialects: Any = None  # one `[dialects.<name>]` table per dialect
 

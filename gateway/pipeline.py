@@ -15,7 +15,7 @@
 3b. per-project limit (when the dialect has one), costed by the batch, so
    refused and invalid requests cost nothing
 4. dedup fast path: one cache round trip for the batch's insert ids
-5. persist through the batched writer; the answer waits for the commit
+5. persist through the sink (storage.sink: group commit); the answer waits for the commit
 6. remember the newly committed insert ids
 7. the dialect renders the outcome in the vendor's shape (a refusal's
    problem list capped first)
@@ -55,7 +55,7 @@ from gateway.metrics import Metrics
 from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, long_id
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter, retry_after_seconds
-from storage.writer import StorageUnavailable, Unstorable, Writer
+from storage.sink import Sink, StorageUnavailable, Unstorable
 
 log = logging.getLogger("dialgate.ingest")
 
@@ -74,7 +74,7 @@ def now_ms() -> int:
 class Services:
     """What the stages need; filled in by the app's lifespan."""
 
-    writer: Writer
+    sink: Sink
     limiter: Limiter
     dedup: Dedup
 
@@ -267,11 +267,11 @@ class Ingest:
             ]
         skipped = len(batch.records) - len(records)
         if not records:
-            services.writer.quarantine(rejections)
+            services.sink.quarantine(rejections)
             self._count(batch, (), ())
             return Outcome(duplicates=skipped)
         try:
-            written = await services.writer.submit(records, rejections)
+            written = await services.sink.submit(records, rejections)
         except StorageUnavailable:
             return Failure(kind="unavailable", message="storage unavailable",
                            retry_after=services.unavailable_retry_after)

@@ -1,4 +1,4 @@
-"""Persistence: tables, engines, the batched writer and the admin queries.
+"""Persistence: tables, engines, the sinks (storage.sink) and the admin queries.
 
 Nothing here imports a dialect: storage knows the canonical model only.
 """

@@ -5,24 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from gateway.model import AliasOutcome, Event, ProfileUpdate, Record, Rejection
-from storage.engine import json_text
-
-
-class Written:
-    """What one request's records did, as counted inside the transaction."""
-
-    __slots__ = ("inserted", "duplicates", "applied", "aliases", "new_keys")
-
-    def __init__(self) -> None:
-        self.inserted = 0
-        self.duplicates = 0
-        self.applied = 0
-        self.aliases: list[AliasOutcome] = []
-        # (project, source, insert_id) of the events this request stored.
-        self.new_keys: list[tuple[str, str, str]] = []
+from gateway.model import Event, ProfileUpdate, Record, Rejection
+from storage.sink import Written
 
 
 class Pending:
@@ -59,32 +45,6 @@ def clean(text_: str | None) -> str | None:
     if text_ is not None and "\x00" in text_:
         return text_.replace("\x00", "\ufffd")
     return text_
-
-
-def sqlite_rows(events: list[Event]) -> list[tuple[Any, ...]]:
-    # A request's events share one context dict: encode it once.
-    contexts: dict[int, str] = {}
-    rows = []
-    for event in events:
-        context = contexts.get(id(event.context))
-        if context is None:
-            context = contexts[id(event.context)] = json_text(event.context)
-        rows.append((
-            event.project,
-            event.source,
-            clean(event.name),
-            clean(event.distinct_id),
-            clean(event.anonymous_id),
-            clean(event.user_id),
-            event.time,
-            event.received_at,
-            clean(event.insert_id),
-            clean(event.session_id),
-            json_text(event.properties),
-            context,
-            event.consent,
-        ))
-    return rows
 
 
 def plan_events(group: list[Pending], results: list[Written]) -> tuple[list[Event], dict[tuple[str, str, str], int]]:
@@ -141,3 +101,26 @@ def _changes(update_: ProfileUpdate) -> bool:
         or update_.union or update_.remove or update_.unset
     )
 
+
+
+def events_only(group: list[Pending]) -> bool:
+    """A group of events and nothing else: each backend's fastest write."""
+    return all(not p.rejections and all(type(r) is Event for r in p.records) for p in group)
+
+
+def events_and_touches(group: list[Pending]) -> bool:
+    """Events and the touches of their persons' profiles (the client API's
+    events), and nothing else."""
+    return all(not p.rejections and all(type(r) is Event or is_touch(r) for r in p.records) for p in group)
+
+
+def touched(group: list[Pending], results: list[Written]) -> list[tuple[str, str]]:
+    """The (project, id) the group's touches name, sorted (profile rows are
+    always taken in one order); each touch counts as applied."""
+    found: set[tuple[str, str]] = set()
+    for pending, written in zip(group, results):
+        for record in pending.records:
+            if type(record) is ProfileUpdate:
+                found.add((record.project, clean(record.distinct_id)))  # type: ignore[arg-type]
+                written.applied += 1
+    return sorted(found)

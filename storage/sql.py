@@ -52,7 +52,6 @@ SQLITE_INSERT_PLAIN = (
     f"INSERT INTO events ({EVENT_COLUMNS}) VALUES {{values}} "
     "ON CONFLICT (project, source, insert_id) DO NOTHING"
 )
-SQLITE_INSERT = SQLITE_INSERT_PLAIN + " RETURNING project, source, insert_id"
 # SQLite allows 32766 bound values per statement: 2000 rows of 13.
 SQLITE_ROWS = 2000
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, assert_never
 
 import msgspec
@@ -15,19 +15,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from gateway.model import Alias, AliasOutcome, Device, Event, ProfileUpdate, Rejection
 from storage import tables
 from storage.engine import Backend, json_text
-from storage.groups import Pending, Written, chunks, clean, is_noop, plan_events, settle_events, sqlite_rows
+from storage.groups import Pending, chunks, clean, is_noop, plan_events, settle_events
 from storage.profiles import Profile
+from storage.sink import Written
 from storage.sql import (
-    PG_INSERT,
     PG_LINKS,
     PG_LOCK,
     PG_PROFILES,
     PG_PROFILES_UPSERT,
-    SQLITE_INSERT,
-    SQLITE_ROW,
-    SQLITE_ROWS,
     lock_key,
 )
+
+InsertEvents = Callable[[list[Event]], Awaitable[set[tuple[str, str, str]] | None]]
+
 
 # Seconds of profile work between two chances for the event loop.
 _SLICE = 0.005
@@ -52,8 +52,12 @@ class Transaction:
     change. Only an alias merge may still read an id nobody named.
     """
 
-    def __init__(self, conn: AsyncConnection, backend: Backend, now: int, max_profile_bytes: int = 1_048_576) -> None:
+    def __init__(self, conn: AsyncConnection, backend: Backend, now: int, max_profile_bytes: int = 1_048_576,
+                 insert: InsertEvents | None = None) -> None:
         self.conn = conn
+        # The backend's route for events (storage.sqlite, storage.postgres):
+        # the keys stored, None if all were.
+        self.insert: InsertEvents | None = insert
         self.backend = backend
         self.now = now
         self.max_profile_bytes = max_profile_bytes
@@ -75,48 +79,59 @@ class Transaction:
         # (project, device id) -> the row to upsert at the end of the transaction.
         self._devices: dict[tuple[str, str], dict[str, Any]] = {}
 
-    async def events(self, group: list[Pending], results: list[Written]) -> None:
+    async def write(self, group: list[Pending], admit: Callable[[Rejection], bool]) -> list[Written]:
+        """The whole group in this transaction: its events (through the
+        backend's one insert route, `insert`), then its identity, profile and
+        device records in arrival order, then its rejections."""
+        results = [Written() for _ in group]
+        identity = any(type(r) is not Event for p in group for r in p.records)
+        rejections = [r for p in group for r in p.rejections]
+        if identity:
+            # Before the events: a transaction never waits for the lock
+            # holding an insert id another one (holding it shared, with
+            # touches) may be waiting for. Through SQLAlchemy, which opens
+            # the transaction block (PostgreSQL: `straight` from here on).
+            await self.lock_projects(group)
+        elif rejections:
+            # The first statement through SQLAlchemy opens the block, so the
+            # events may go to the driver after it.
+            await self.rejections_insert(rejections)
+            rejections = []
         fresh, owner = plan_events(group, results)
         if fresh:
-            settle_events(owner, await self._insert_events(fresh), results)
-
-    async def _insert_events(self, events: list[Event]) -> set[tuple[str, str, str]]:
-        """Bulk insert, skipping known insert ids; returns the keys stored.
-
-        Driver-level SQL: the same statement for every batch, nothing for
-        SQLAlchemy to compile per row (this is the hot path).
-        """
-        stored: set[tuple[str, str, str]] = set()
-        if self.backend is Backend.POSTGRESQL and self._straight():
-            rows = await self.driver.fetch(PG_INSERT, json_text(events))
-            stored.update((p, s, i) for p, s, i in rows if i is not None)
-        elif self.backend is Backend.POSTGRESQL:
-            # json_text also turns U+0000 into U+FFFD in every string at once.
-            result = await self.conn.exec_driver_sql(PG_INSERT, (json_text(events),))
-            stored.update((p, s, i) for p, s, i in result.all() if i is not None)
-        elif self.backend is Backend.SQLITE:
-            rows = sqlite_rows(events)
-            for start in range(0, len(rows), SQLITE_ROWS):
-                chunk = rows[start : start + SQLITE_ROWS]
-                sql = SQLITE_INSERT.format(values=",".join([SQLITE_ROW] * len(chunk)))
-                flat = tuple(value for row in chunk for value in row)
-                result = await self.conn.exec_driver_sql(sql, flat)
-                stored.update((p, s, i) for p, s, i in result.all() if i is not None)
-        else:
-            assert_never(self.backend)
-        return stored
+            assert self.insert is not None, "a transaction writing events needs the backend's route"
+            settle_events(owner, await self.insert(fresh), results)
+        if identity:
+            # Under the lock, so what is read stays true until commit.
+            await self.prefetch(group)
+            for pending, written in zip(group, results):
+                for record in pending.records:
+                    kind = type(record)
+                    if kind is ProfileUpdate:
+                        await self.profile(record)  # type: ignore[arg-type]
+                        written.applied += 1
+                    elif kind is Alias:
+                        written.aliases.append(await self.alias(record))  # type: ignore[arg-type]
+                    elif kind is Device:
+                        self.device(record)  # type: ignore[arg-type]
+            await self.save_profiles()
+            await self.save_devices()
+        rejections += [r for r in self.rejections if admit(r)]
+        if rejections:
+            await self.rejections_insert(rejections)
+        return results
 
     async def lock_projects(self, group: list[Pending]) -> None:
         if self.backend is not Backend.POSTGRESQL:
             return  # SQLite: BEGIN IMMEDIATE already holds the only write lock
         projects = sorted({r.project for p in group for r in p.records if type(r) is not Event})
         for project in projects:
-            if self._straight():
+            if self.straight():
                 await self.driver.execute(PG_LOCK, lock_key(project))
             else:
                 await self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(project)})
 
-    def _straight(self) -> bool:
+    def straight(self) -> bool:
         """Whether a statement may go to the driver: only inside the block
         SQLAlchemy opened (its first statement opens it; before that, a
         statement on the driver would run and commit on its own)."""
@@ -159,7 +174,7 @@ class Transaction:
                         self._loaded.add((project, person))
 
     async def _links_of(self, project: str, ids: Sequence[str]) -> dict[str, str]:
-        if self._straight():
+        if self.straight():
             return dict(await self.driver.fetch(PG_LINKS, project, ids))
         a = tables.aliases
         rows = await self.conn.execute(
@@ -168,7 +183,7 @@ class Transaction:
         return dict(rows.all())  # type: ignore[arg-type]
 
     async def _profiles_of(self, project: str, persons: Sequence[str]) -> dict[str, dict[str, Any]]:
-        if self._straight():
+        if self.straight():
             rows = await self.driver.fetch(PG_PROFILES, project, persons)
             return {person: msgspec.json.decode(props) for person, props in rows}
         p = tables.profiles
@@ -356,7 +371,7 @@ class Transaction:
                 await self.conn.execute(
                     delete(p).where(p.c.project == project, self._among(p.c.distinct_id, chunk))
                 )
-        if upserts and self._straight():
+        if upserts and self.straight():
             for chunk in chunks(upserts):
                 await self.driver.execute(PG_PROFILES_UPSERT, json_text(chunk))
         elif upserts:

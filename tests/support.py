@@ -17,6 +17,9 @@ import msgspec
 
 from gateway.app import build_app
 from gateway.config import Settings, from_dict
+from gateway.pipeline import now_ms
+from storage.factory import open_sink
+from storage.sink import Sink, SinkKind, SinkOptions
 
 ADMIN_KEY = "adm_test_key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -37,6 +40,11 @@ PROJECTS = [
         "collect_sources": [{"site": 99, "token": "src_blog"}],
     },
 ]
+
+
+def database_sink(engine: Any, *, clock: Any = now_ms, **options: Any) -> Sink:
+    """The database sink over `engine`, not yet started (options: SinkOptions)."""
+    return open_sink(SinkKind.DATABASE, engine, SinkOptions(**options), clock=clock)
 
 
 def settings_for(backend: dict[str, str], **sections: Any) -> Settings:

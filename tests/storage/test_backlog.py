@@ -12,8 +12,8 @@ from gateway.model import Event
 from gateway.pipeline import now_ms
 from storage.engine import create_engine
 from storage.migrate import upgrade
-from storage.writer import Backlogged, StorageUnavailable, Writer
-from tests.support import events_of, gateway, settings_for
+from storage.sink import Backlogged, StorageUnavailable
+from tests.support import database_sink, events_of, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +30,7 @@ async def test_submit_past_the_backlog_is_refused_at_once(backend) -> None:
     engine = create_engine(backend["storage_url"])
     await upgrade(engine)
     # A group waits 300 ms to fill: the backlog builds up meanwhile.
-    writer = Writer(engine, clock=now_ms, delay_ms=300, max_backlog_rows=100)
+    writer = database_sink(engine, delay_ms=300, max_backlog_rows=100)
     writer.start()
     try:
         first = asyncio.create_task(writer.submit(_events("a", 60)))

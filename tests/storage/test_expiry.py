@@ -13,8 +13,7 @@ from storage import tables
 from storage.engine import create_engine
 from storage.expiry import DAY_MS, QuarantineExpiry, expire
 from storage.migrate import upgrade
-from storage.writer import Writer
-from tests.support import gateway, rejections_of, settings_for
+from tests.support import database_sink, gateway, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +59,7 @@ async def test_the_gateway_expires_the_quarantine_by_itself(backend) -> None:
     engine = create_engine(backend["storage_url"])
     await upgrade(engine)
     await _rows(engine, [45, 3])
-    writer = Writer(engine, clock=now_ms, keep_days=10)
+    writer = database_sink(engine, keep_days=10)
     writer._expiry._first_after = 0  # type: ignore[union-attr]
     writer.start()
     try:

@@ -13,8 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from storage.engine import create_engine
-from storage.faults import Fault, classify
-from storage.writer import is_unavailable
+from storage.faults import Fault, classify, is_unavailable
 
 pytestmark = pytest.mark.anyio
 

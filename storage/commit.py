@@ -1,101 +1,80 @@
-"""The batched writer: group commit for every dialect.
+"""Group commit: the part every sink shares.
 
-Requests enqueue their records and wait on a future. One task per process
-takes whatever is queued (at most `max_rows` rows), writes it in one
-transaction and resolves each request's future with that request's own
-outcome. While a transaction runs, new requests queue up and form the next
-group, so the group grows with load and a lone request waits for nobody.
+Requests enqueue their records and wait on a future. One task per lane
+takes whatever is queued (at most `max_rows` rows), has the backend's
+`Store` write it in one transaction and resolves each request's future with
+that request's own outcome. While a transaction runs, new requests queue up
+and form the next group, so the group grows with load and a lone request
+waits for nobody.
 
 If a group's transaction fails for a reason other than the database being
 unreachable, each request of the group is retried in a transaction of its
-own, so one bad request never fails the others.
+own, so one bad request never fails the others. Faults are classified once
+(storage.faults), whatever the backend.
 
-Identity and profile records of a project are serialised across processes:
-SQLite by its single writer lock (BEGIN IMMEDIATE), PostgreSQL by a
-transaction-scoped advisory lock per project. Events need no lock: the unique
-constraint on (project, source, insert_id) decides duplicates.
+Identity and profile records keep one ordered lane (lane 0); events go to
+the least loaded lane. How a backend serialises identity work across
+processes is the store's business (storage.sqlite, storage.postgres).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from gateway.model import Alias, Device, Event, ProfileUpdate, Record, Rejection
-from storage.direct import PgEvents, SqliteEvents
-from storage.engine import Backend, backend_of, json_text
+from gateway.model import Event, Record, Rejection
 from storage.expiry import QuarantineExpiry
-from storage.faults import Fault, classify, is_unavailable, renew_connections, short, sqlstate
-from storage.groups import Pending, Written, clean, is_touch, plan_events, settle_events, sqlite_rows
-from storage.transaction import Transaction
+from storage.faults import Fault, classify, short, sqlstate
+from storage.groups import Pending, is_touch
+from storage.sink import Backlogged, SinkOptions, StorageUnavailable, Unstorable, Written
 
-__all__ = ["Backlogged", "StorageUnavailable", "Unstorable", "Writer", "Written", "is_unavailable"]
+__all__ = ["GroupCommit", "Store"]
 
 log = logging.getLogger("dialgate.writer")
 
 
-class StorageUnavailable(Exception):
-    """The database could not be reached; nothing of the request was stored."""
+class Store(Protocol):
+    """A backend's writes, as the group commit drives them."""
 
+    # How many lanes may write at once (1: one writer, as SQLite).
+    lanes: int
 
-class Backlogged(StorageUnavailable):
-    """The worker's writer backlog is full: answered as the database being
-    unavailable (503 with Retry-After), so that SDKs send the batch again."""
+    async def write(self, group: list[Pending], lane: int) -> list[Written]:
+        """Write the group in one transaction, or raise with nothing stored."""
+        ...
 
+    def lost(self) -> None:
+        """A connection was found lost: none made before may be used again."""
 
-class Unstorable(Exception):
-    """The database refused this request's data; nothing of it was stored."""
+    async def close(self) -> None: ...
 
 
 # Rows queued or in flight on a lane before event requests overflow to the next.
 _LANE_BACKLOG = 1000
 
 
-class Writer:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        *,
-        max_rows: int = 5000,
-        delay_ms: float = 0.0,
-        clock: Callable[[], int],
-        admit: Callable[[Rejection], bool] = lambda _r: True,
-        lanes: int = 1,
-        max_backlog_rows: int = 100_000,
-        max_profile_bytes: int = 1_048_576,
-        keep_days: int = 0,
-    ) -> None:
-        self._engine = engine
-        self._backend = backend_of(str(engine.url))
-        self._max_rows = max_rows
-        self._delay = delay_ms / 1000.0
-        self._clock = clock
-        # Quarantine sampling for rejections found while writing.
-        self._admit = admit
+class GroupCommit:
+    """A sink (storage.sink.Sink) made of a store and the shared group commit."""
+
+    def __init__(self, store: Store, options: SinkOptions, *, expiry: QuarantineExpiry | None = None) -> None:
+        self._store = store
+        self._max_rows = options.max_rows
+        self._delay = options.delay_ms / 1000.0
         # Rows queued or being written, all lanes: past this, submit refuses.
-        self._max_backlog = max_backlog_rows
-        self._max_profile_bytes = max_profile_bytes
-        self._expiry = QuarantineExpiry(engine, keep_days, clock) if keep_days > 0 else None
+        self._max_backlog = options.max_backlog_rows
+        self._expiry = expiry
         # Lanes write concurrently, each its own transactions. Lane 0 alone
         # takes identity and profile records, so they keep arrival order;
         # requests of events only (or events and touches of their profiles)
         # go to the least loaded lane (the unique key settles concurrent
-        # duplicates). SQLite has one writer lock: 1 lane.
-        count = 1 if self._backend is Backend.SQLITE else max(1, lanes)
+        # duplicates).
+        count = store.lanes
         self._queues: list[asyncio.Queue[Pending | None]] = [asyncio.Queue() for _ in range(count)]
         self._load = [0] * count  # rows queued or being written, per lane
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._sqlite_events = SqliteEvents.for_url(engine.url) if self._backend is Backend.SQLITE else None
-        # PostgreSQL: each lane's events-only groups go through a connection
-        # of its own, one statement each (with touches: one statement in a
-        # transaction).
-        self._pg_events = (
-            [PgEvents(engine) for _ in range(count)] if self._backend is Backend.POSTGRESQL else []
-        )
 
     def start(self) -> None:
         self._tasks = [
@@ -115,10 +94,7 @@ class Writer:
         for task in self._tasks:
             await task
         self._tasks = []
-        if self._sqlite_events is not None:
-            await self._sqlite_events.close()
-        for pg in self._pg_events:
-            await pg.close()
+        await self._store.close()
 
     def _enqueue(self, pending: Pending) -> None:
         if not pending.records or any(type(r) is not Event and not is_touch(r) for r in pending.records):
@@ -143,7 +119,7 @@ class Writer:
                 return lane
         return min(order, key=lambda i: self._load[i])
 
-    async def submit(self, records: list[Record], rejections: list[Rejection] = []) -> Written:
+    async def submit(self, records: list[Record], rejections: Sequence[Rejection] = ()) -> Written:
         if self._closed or not self._tasks:
             raise StorageUnavailable("writer is shut down")
         if self._over_backlog(len(records) + len(rejections)):
@@ -193,13 +169,13 @@ class Writer:
 
     async def _flush(self, group: list[Pending], lane: int = 0, *, retried: bool = False) -> None:
         try:
-            results = await self._write(group, lane)
+            results = await self._store.write(group, lane)
         except Exception as exc:
             fault = classify(exc)
             if fault is Fault.LOST:
                 # What the pool holds was made before the fault: the retry,
                 # and every later checkout, gets a new connection.
-                renew_connections(self._engine)
+                self._store.lost()
             if not retried and _retry(fault, exc):
                 # Nothing of the group was committed (a connection found dead,
                 # a server restarting, a transaction rolled back to break a
@@ -228,69 +204,6 @@ class Writer:
         for pending, written in zip(group, results):
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(written)
-
-    async def _write(self, group: list[Pending], lane: int) -> list[Written]:
-        results = [Written() for _ in group]
-        if (self._sqlite_events is not None or self._pg_events) and all(
-            not p.rejections and all(type(r) is Event for r in p.records) for p in group
-        ):
-            fresh, owner = plan_events(group, results)
-            if fresh:
-                if self._sqlite_events is not None:
-                    stored = await self._sqlite_events.insert(sqlite_rows(fresh))
-                else:
-                    stored = await self._pg_events[lane].insert(json_text(fresh))
-                settle_events(owner, stored, results)
-            return results
-        if self._pg_events and all(
-            not p.rejections and all(type(r) is Event or is_touch(r) for r in p.records) for p in group
-        ):
-            # Events and the touches of their persons' profiles (the client
-            # API's events): one statement inside a transaction of their own.
-            fresh, owner = plan_events(group, results)
-            touched: set[tuple[str, str]] = set()
-            for pending, written in zip(group, results):
-                for record in pending.records:
-                    if type(record) is ProfileUpdate:
-                        touched.add((record.project, clean(record.distinct_id)))  # type: ignore[arg-type]
-                        written.applied += 1
-            touches = [{"project": project, "id": id_} for project, id_ in sorted(touched)]
-            stored = await self._pg_events[lane].insert_touching(
-                json_text(fresh), json_text(touches), sorted({project for project, _ in touched}), self._clock()
-            )
-            settle_events(owner, stored, results)
-            return results
-        async with self._engine.begin() as conn:
-            tx = Transaction(conn, self._backend, self._clock(), self._max_profile_bytes)
-            identity = any(type(r) is not Event for p in group for r in p.records)
-            if identity:
-                if self._backend is Backend.POSTGRESQL:
-                    tx.driver = (await conn.get_raw_connection()).driver_connection
-                # Before the events: a transaction never waits for the lock
-                # holding an insert id another one (holding it shared, with
-                # touches) may be waiting for.
-                await tx.lock_projects(group)
-            await tx.events(group, results)
-            if identity:
-                # Under the lock, so what is read stays true until commit.
-                await tx.prefetch(group)
-                for pending, written in zip(group, results):
-                    for record in pending.records:
-                        kind = type(record)
-                        if kind is ProfileUpdate:
-                            await tx.profile(record)  # type: ignore[arg-type]
-                            written.applied += 1
-                        elif kind is Alias:
-                            written.aliases.append(await tx.alias(record))  # type: ignore[arg-type]
-                        elif kind is Device:
-                            tx.device(record)  # type: ignore[arg-type]
-                await tx.save_profiles()
-                await tx.save_devices()
-            rejections = [r for p in group for r in p.rejections]
-            rejections += [r for r in tx.rejections if self._admit(r)]
-            if rejections:
-                await tx.rejections_insert(rejections)
-        return results
 
 
 def _fail(pending: Pending, exc: Exception) -> None:

@@ -12,8 +12,8 @@ from gateway.pipeline import now_ms
 from storage import queries
 from storage.engine import create_engine
 from storage.migrate import upgrade
-from storage.writer import Unstorable, Writer
-from tests.support import ADMIN, gateway, settings_for
+from storage.sink import Unstorable
+from tests.support import ADMIN, database_sink, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +30,7 @@ def _event(n: int, **overrides: object) -> Event:
 async def _writer(backend: dict[str, str], delay_ms: float = 0.0, *, lanes: int = 1, clock=now_ms):
     engine = create_engine(backend["storage_url"])
     await upgrade(engine)
-    writer = Writer(engine, clock=clock, delay_ms=delay_ms, lanes=lanes)
+    writer = database_sink(engine, clock=clock, delay_ms=delay_ms, lanes=lanes)
     writer.start()
     return engine, writer
 
@@ -265,7 +265,7 @@ async def test_a_request_of_events_and_profile_work_is_stored_whole_or_not_at_al
     await upgrade(engine)
     # A clock no BIGINT can hold: the profile's created_at is refused, after
     # the events were inserted.
-    writer = Writer(engine, clock=lambda: 2**70)
+    writer = database_sink(engine, clock=lambda: 2**70)
     writer.start()
     update = ProfileUpdate(project="shop", source="cohorly", distinct_id="u", time=1, set={"a": 1})
     try:
@@ -299,10 +299,10 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
         async with engine.begin() as conn:
             tx = Transaction(conn, Backend.POSTGRESQL, now=1)
             tx.driver = (await conn.get_raw_connection()).driver_connection
-            assert not tx._straight()  # nothing sent yet: no block open
+            assert not tx.straight()  # nothing sent yet: no block open
             group = [Pending([touch], [], None)]
             await tx.lock_projects(group)  # through SQLAlchemy, which opens the block
-            assert tx._straight()
+            assert tx.straight()
             # The lock is this transaction's until it ends.
             assert not await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("shop"))
             await tx.prefetch(group)
@@ -385,7 +385,7 @@ async def test_postgres_touches_racing_alias_merges_never_leave_a_profile_behind
     outside the lock, a touch could recreate the row the merge deleted."""
     engine = create_engine(postgres_backend["storage_url"])
     await upgrade(engine)
-    writers = [Writer(engine, clock=now_ms, lanes=3) for _ in range(2)]  # two gateway processes
+    writers = [database_sink(engine, lanes=3) for _ in range(2)]  # two gateway processes
     for writer in writers:
         writer.start()
     try:
@@ -449,7 +449,7 @@ async def test_postgres_a_touch_whose_lock_wait_is_cancelled_fails_alone_and_the
     (a lock or statement timeout, an operator): that request is told to
     retry (nothing of it stays), and the lane's connection is left clean
     for the next groups, of events alone or with touches."""
-    from storage.writer import StorageUnavailable
+    from storage.sink import StorageUnavailable
 
     engine, writer = await _writer(postgres_backend, lanes=2)
     try:
@@ -478,7 +478,7 @@ async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction
     """Cancelled on our side while it waits (the lock may still be granted
     to the backend afterwards): the connection is dropped, so no session is
     left holding the lock, and the next group gets a fresh one."""
-    from storage.direct import PgEvents
+    from storage.postgres import PgEvents
     from storage.sql import lock_key
 
     engine = create_engine(postgres_backend["storage_url"])
