@@ -32,7 +32,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, load_json
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -247,15 +247,12 @@ class Client(Dialect):
             return Failure(kind="unauthorized", message="Authorization error.")
         events = request.endpoint == "events"
         try:
-            body, shallow = decode_json(request.body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+            # Only the events endpoint has records to name.
+            body, shallow = load_json(request.body, () if events else None)
+        except NotJson:
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
-        except RecursionError:
-            # Deeper than msgspec follows: find the event in the raw bytes.
-            index = deep_record_raw(request.body) if events else -1
-            if index is None:
-                return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
-            return _too_deep(index if index >= 0 else None)
+        except TooDeep as exc:
+            return _too_deep(exc.index)
         if events and type(body) is list and len(body) > self.config.max_events:
             # Counted before any event is looked at.
             limit = self.config.max_events
