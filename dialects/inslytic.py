@@ -30,6 +30,7 @@ from dialects.base import (
     retry_after_headers,
 )
 from dialects.limits import MAX_PROBLEMS, TOO_DEEP, NotJson, TooDeep, deep_record, load_json
+from dialects.problems import Problems
 from dialects.times import iso8601_ms
 from gateway.model import Alias, Event, Record
 
@@ -106,17 +107,14 @@ class Inslytic(Dialect):
             return _invalid([f"events must contain at most {self.config.max_events} events"])
         if not shallow and (index := deep_record(request.body, items)) is not None:
             return _invalid([_too_deep(index)])
-        problems: list[str] = []
-        omitted = 0  # found, but past what an answer lists (not phrased)
+        problems = Problems()
         records: list[Record] = []
         for index, item in enumerate(items):
             found, more = self._event(item, project, request, records)
             if found:
-                room = MAX_PROBLEMS - len(problems)
-                problems += [f"Event {index}: {p}" for p in found[:room]]
-                omitted += more + max(0, len(found) - room)
+                problems.extend(f"Event {index}: ", found, more)
         if problems:
-            return _invalid(problems, omitted)
+            return problems.failure("invalid")
         return Batch(records=records, project=project, cost=len(items))
 
     def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> tuple[list[str], int]:
@@ -228,5 +226,5 @@ def _too_deep(index: int | None) -> str:
     return f"{where} {TOO_DEEP}"
 
 
-def _invalid(problems: list[str], omitted: int = 0) -> Failure:
-    return Failure(kind="invalid", message=problems[0], details=tuple(problems), omitted=omitted)
+def _invalid(problems: list[str]) -> Failure:
+    return Failure(kind="invalid", message=problems[0], details=tuple(problems))
