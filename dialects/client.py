@@ -3,15 +3,16 @@
 
 Schemas are msgspec Structs that mirror DIALECTS.md field by field. The
 vendor answers 422 with the first problem and the list of every problem, so
-bodies are checked field by field against those schemas (`_check`) instead of
-stopping at the first error the way a plain decode does. Absent and null are
+bodies are checked field by field against those schemas
+(`dialects.problems.check`, paths like `0/user/email`) instead of stopping
+at the first error the way a plain decode does; the rules msgspec cannot
+express (IANA time zones, "anonymous_id or external_id") are `_Schema`'s. Absent and null are
 kept apart (`UNSET` vs None): on identify an omitted field keeps the profile's
 value and an explicit null clears it.
 """
 
 from __future__ import annotations
 
-import functools
 import zoneinfo
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any, ClassVar
@@ -33,7 +34,8 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, load_json
+from dialects.problems import Checked, Problems, check
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
@@ -43,11 +45,29 @@ Optional = str | None | UnsetType
 TIMEZONES = frozenset(zoneinfo.available_timezones())
 
 
-class _Schema(msgspec.Struct):
+class _Schema(Checked):
     """The vendor's field names are snake_case already; nothing is renamed."""
 
     # At least one of anonymous_id / external_id must be a string.
     needs_an_id: ClassVar[bool] = False
+
+    def valid(self) -> bool:
+        if self.needs_an_id and self.anonymous_id is None and self.external_id is None:  # type: ignore[attr-defined]
+            return False
+        timezone = getattr(self, "timezone", None)
+        return type(timezone) is not str or timezone in TIMEZONES
+
+    @classmethod
+    def field_problem(cls, name: str, value: Any) -> str | None:
+        if name == "timezone" and value is not None and value not in TIMEZONES:
+            return "not an IANA time zone name"
+        return None
+
+    @classmethod
+    def record_problems(cls, value: dict[str, Any]) -> Iterable[tuple[str, str]]:
+        if cls.needs_an_id and value.get("anonymous_id") is None and value.get("external_id") is None:
+            return (("external_id", "anonymous_id or external_id is required"),)
+        return ()
 
 
 class AliasBody(_Schema, kw_only=True):
@@ -101,93 +121,11 @@ class EventItem(_Schema, kw_only=True):
     user: UserBlock | None = None
 
 
-# Field types that are schemas of their own, checked under their own path.
-_NESTED: dict[Any, type[_Schema]] = {UserBlock | None: UserBlock}
-
-
 class ClientConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     max_body_bytes: int = MB
     # Events per /api/client/events request; more is a 413.
     max_events: Annotated[int, Meta(ge=1)] = 1000
-
-
-@functools.cache
-def _fields(schema: type[_Schema]) -> tuple[msgspec.structs.FieldInfo, ...]:
-    # Resolving a Struct's annotations is costly: once per schema, not per event.
-    return msgspec.structs.fields(schema)
-
-
-def _check(value: Any, schema: type[_Schema], path: str) -> tuple[Any, list[str]]:
-    """Every problem of `value` against `schema`, each prefixed by its path.
-
-    Field types are checked one by one with msgspec (so every bad field is
-    reported, not just the first); a nested schema is checked the same way
-    under its own path; then the checks msgspec cannot express: IANA time
-    zones and "anonymous_id or external_id".
-    """
-    prefix = f"{path}/" if path else ""
-    if type(value) is not dict:
-        return None, [f"{path or 'body'}: must be an object"]
-    # Fast path: a valid value converts in one pass; only an invalid one
-    # pays for the field-by-field walk that names every problem.
-    try:
-        parsed = msgspec.convert(value, schema)
-    except msgspec.ValidationError:
-        pass
-    else:
-        if _beyond_types_ok(parsed):
-            return parsed, []
-    problems: list[str] = []
-    known = set()
-    for field in _fields(schema):
-        name = field.encode_name
-        known.add(name)
-        if name not in value:
-            if field.required:
-                problems.append(f"{prefix}{name}: is required")
-            continue
-        item = value[name]
-        nested = _NESTED.get(field.type)
-        if nested is not None and item is not None:
-            problems += _check(item, nested, prefix + name)[1]
-            continue
-        try:
-            msgspec.convert(item, field.type)
-        except msgspec.ValidationError as exc:
-            problems.append(f"{prefix}{name}: {_phrase(exc)}")
-            continue
-        if name == "timezone" and item is not None and item not in TIMEZONES:
-            problems.append(f"{prefix}timezone: not an IANA time zone name")
-    if schema.__struct_config__.forbid_unknown_fields:
-        problems += [f"{prefix}{key}: unknown field" for key in value if key not in known]
-    if schema.needs_an_id and value.get("anonymous_id") is None and value.get("external_id") is None:
-        problems.append(f"{prefix}external_id: anonymous_id or external_id is required")
-    if problems:
-        return None, problems
-    return msgspec.convert(value, schema), []
-
-
-def _beyond_types_ok(parsed: _Schema) -> bool:
-    """The checks msgspec cannot express, on a converted value (nested
-    schemas included); False sends the value to the full walk in `_check`."""
-    if parsed.needs_an_id and parsed.anonymous_id is None and parsed.external_id is None:  # type: ignore[attr-defined]
-        return False
-    for field in _fields(type(parsed)):
-        item = getattr(parsed, field.name)
-        if field.name == "timezone" and type(item) is str and item not in TIMEZONES:
-            return False
-        if isinstance(item, _Schema) and not _beyond_types_ok(item):
-            return False
-    return True
-
-
-def _phrase(exc: msgspec.ValidationError) -> str:
-    text, sep, where = str(exc).rpartition(" - at `")
-    if not sep:
-        return str(exc)
-    inner = where.rstrip("`").removeprefix("$").replace(".", "/").replace("[", "/").replace("]", "")
-    return f"{text} (at {inner.lstrip('/')})" if inner else text
 
 
 def _traits(block: IdentifyBody | UserBlock, project: str, person: str, now: int) -> ProfileUpdate:
@@ -215,7 +153,7 @@ def _traits(block: IdentifyBody | UserBlock, project: str, person: str, now: int
 def _person(anonymous_id: str | None, external_id: str | None) -> str:
     """The id records belong to: the known id when there is one."""
     person = external_id if external_id is not None else anonymous_id
-    assert person is not None  # _check has refused bodies without either
+    assert person is not None  # `check` has refused bodies without either
     return person
 
 
@@ -252,15 +190,12 @@ class Client(Dialect):
             return Failure(kind="unauthorized", message="Authorization error.")
         events = request.endpoint == "events"
         try:
-            body, shallow = decode_json(request.body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+            # Only the events endpoint has records to name.
+            body, shallow = load_json(request.body, () if events else None)
+        except NotJson:
             return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
-        except RecursionError:
-            # Deeper than msgspec follows: find the event in the raw bytes.
-            index = deep_record_raw(request.body) if events else -1
-            if index is None:
-                return Failure(kind="bad_request", message="body: invalid JSON", details=("body: invalid JSON",))
-            return _too_deep(index if index >= 0 else None)
+        except TooDeep as exc:
+            return _too_deep(exc.index)
         if events and type(body) is list and len(body) > self.config.max_events:
             # Counted before any event is looked at.
             limit = self.config.max_events
@@ -269,21 +204,23 @@ class Client(Dialect):
         records = body if events and type(body) is list else [body]
         if not shallow and (index := deep_record(request.body, records)) is not None:
             return _too_deep(index if records is body else None)
-        problems: list[str] = []
+        problems = Problems()
         records = getattr(self, "_" + request.endpoint)(body, problems, request, project)
         if problems:
-            return Failure(kind="invalid", message=problems[0], details=tuple(problems))
+            return problems.failure("invalid")
         return Batch(records=records)
 
-    def _alias(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
-        parsed, problems[:] = _check(body, AliasBody, "")
+    def _alias(self, body: Any, problems: Problems, request: Incoming, project: str) -> list[Record]:
+        parsed, found = check(body, AliasBody)
         if parsed is None:
+            problems.extend("", found)
             return []
         return [Alias(project=project, source=self.name, alias=parsed.anonymous_id, distinct_id=parsed.external_id)]
 
-    def _identify(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
-        parsed, problems[:] = _check(body, IdentifyBody, "")
+    def _identify(self, body: Any, problems: Problems, request: Incoming, project: str) -> list[Record]:
+        parsed, found = check(body, IdentifyBody)
         if parsed is None:
+            problems.extend("", found)
             return []
         person = _person(parsed.anonymous_id, parsed.external_id)
         return [
@@ -291,9 +228,10 @@ class Client(Dialect):
             _traits(parsed, project, person, request.received_at),
         ]
 
-    def _devices(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
-        parsed, problems[:] = _check(body, DeviceBody, "")
+    def _devices(self, body: Any, problems: Problems, request: Incoming, project: str) -> list[Record]:
+        parsed, found = check(body, DeviceBody)
         if parsed is None:
+            problems.extend("", found)
             return []
         person = _person(parsed.anonymous_id, parsed.external_id)
         device = Device(
@@ -305,20 +243,20 @@ class Client(Dialect):
                               time=request.received_at, touch=True)
         return [*_links(project, parsed.anonymous_id, parsed.external_id), touch, device]
 
-    def _events(self, body: Any, problems: list[str], request: Incoming, project: str) -> list[Record]:
+    def _events(self, body: Any, problems: Problems, request: Incoming, project: str) -> list[Record]:
         if type(body) is not list:
-            problems.append("body: must be an array of events")
+            problems.extend("", ["body: must be an array of events"])
             return []
         if not body:
-            problems.append("body: must contain at least one event")
+            problems.extend("", ["body: must contain at least one event"])
             return []
         records: list[Record] = []
         touched: set[str] = set()  # one profile touch per person is enough
         context = request_context(request)
         for index, item in enumerate(body):
-            parsed, found = _check(item, EventItem, str(index))
-            problems += found
+            parsed, found = check(item, EventItem, str(index))
             if parsed is None:
+                problems.extend("", found)
                 continue
             person = _person(parsed.anonymous_id, parsed.external_id)
             data = parsed.data if parsed.data is not None else parsed.properties

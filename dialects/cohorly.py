@@ -31,12 +31,11 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
-from dialects.limits import TOO_DEEP, Shallow, decode_json, deep_record, deep_record_raw
+from dialects.limits import TOO_DEEP, NotJson, Shallow, TooDeep, deep_record, load_json
+from dialects.times import MAX_TIME_MS
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
 
 MB = 1024 * 1024
-# Unix ms up to the end of year 9999: anything larger is not a time.
-MAX_TIME_MS = 253_402_300_799_999
 
 # Lifted into canonical fields or credentials: never kept in properties.
 _LIFTED = frozenset({"distinct_id", "time", "$insert_id", "token"})
@@ -135,17 +134,11 @@ class Cohorly(Dialect):
 
     def _translate_general(self, request: Incoming) -> Batch | Failure:
         try:
-            body, shallow = decode_json(request.body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
-            # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
+            body, shallow = load_json(request.body)
+        except NotJson:
             return Failure(kind="bad_request", message="invalid JSON")
-        except RecursionError:
-            # msgspec's answer to nesting deeper than the interpreter allows:
-            # the record is found in the raw bytes.
-            index = deep_record_raw(request.body)
-            if index is None:
-                return Failure(kind="bad_request", message="invalid JSON")
-            return _too_deep(index if index >= 0 else None)
+        except TooDeep as exc:
+            return _too_deep(exc.index)
         header_token = request.headers.get("x-cohorly-token")
         try:
             if request.endpoint == "alias":

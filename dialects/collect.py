@@ -36,7 +36,8 @@ from dialects.base import (
     bearer,
     json_reply,
 )
-from dialects.limits import TOO_DEEP, decode_json, deep_record, deep_record_raw, deep_records
+from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, deep_records, load_json
+from dialects.times import MAX_TIME_MS, lenient_iso_ms
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
 KB = 1024
@@ -47,7 +48,6 @@ _RESERVED = frozenset(
 )
 # Root keys of the older generations that belong in context.
 _ROOT_CONTEXT = ("page", "device", "app", "version")
-_MAX_TIME_MS = 253_402_300_799_999
 # Dropped events of one batch kept as rejections each; the rest of a request
 # (a 1 KB gzip body can hold 170,000 empty events) are summed up in one per
 # reason, so a flood of them costs a count, not a record each.
@@ -87,30 +87,13 @@ class Dropped(Exception):
         self.reason = reason
 
 
-def _iso_ms(value: Any) -> int | None:
-    if type(value) is not str:
-        return None
-    import datetime as dt
-
-    try:
-        moment = dt.datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)  # tags send UTC
-    # Exact integer arithmetic: timestamp() * 1000 is a float and can land
-    # 1 ms early (2004-09-27T11:29:40.238Z gave ...237).
-    ms = (moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
-    return ms if 0 <= ms <= _MAX_TIME_MS else None
-
-
 def _ms(value: Any) -> int | None:
     """event_timestamp: unix ms as an integer or a numeric string."""
     if type(value) is str and _digits(value.strip(), 20):
         value = int(value.strip())
     elif type(value) is float and value == value:
         value = int(value)
-    if type(value) is int and 0 <= value <= _MAX_TIME_MS:
+    if type(value) is int and 0 <= value <= MAX_TIME_MS:
         return value
     return None
 
@@ -199,6 +182,7 @@ class Collect(Dialect):
 
     def translate(self, request: Incoming) -> Batch | Failure:
         shallow = False
+        in_batch = request.endpoint == "batch"
         if request.method == "GET":
             body: Any = pixel_payload(request.query)
             if deep_record(None, [body]) is not None:
@@ -210,21 +194,18 @@ class Collect(Dialect):
         else:
             raw = request.body
             try:
-                body, shallow = decode_json(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError):
+                body, shallow = load_json(raw, ("batch",) if in_batch else ())
+            except NotJson:
                 return Failure(kind="bad_request", message="invalid JSON")
-            except RecursionError:
+            except TooDeep as exc:
                 # Valid JSON deeper than the decoder follows: not an error
                 # for the caller, quarantined whole (it cannot be split).
-                too_deep = deep_record_raw(raw, ("batch",) if request.endpoint == "batch" else ())
-                if too_deep is None:
-                    return Failure(kind="bad_request", message="invalid JSON")
-                where = f"batch[{too_deep}]: " if request.endpoint == "batch" and too_deep >= 0 else ""
+                where = f"batch[{exc.index}]: " if in_batch and exc.index is not None else ""
                 return self._dropped("too_deep", where + TOO_DEEP, raw, request)
         project = self._project(request)
         if project is None:
             return Batch(rejections=[self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)])
-        if request.endpoint == "batch":
+        if in_batch:
             items = body.get("batch") if type(body) is dict else None
             if type(items) is not list:
                 return Batch(rejections=[self._reject(project, "not_a_batch", "body has no batch array", raw, request)])
@@ -233,7 +214,6 @@ class Collect(Dialect):
         deep = set() if shallow else set(deep_records(raw, items))
         batch = Batch()
         beyond: dict[str, int] = {}  # reason -> dropped events past MAX_REJECTIONS
-        in_batch = request.endpoint == "batch"
         for index, item in enumerate(items):
             # The common refusals without an exception: a flood of them
             # costs a check each.
@@ -307,7 +287,8 @@ class Collect(Dialect):
         insert_id = event_id if type(event_id) is str and event_id else None
         time = _ms(context.get("event_timestamp", item.get("event_timestamp")))
         if time is None:
-            time = _iso_ms(created if created is not None else context.get("created"))
+            created = created if created is not None else context.get("created")
+            time = lenient_iso_ms(created) if type(created) is str else None
         if time is None:
             time = request.received_at
         device = context.get("device")

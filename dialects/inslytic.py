@@ -10,8 +10,6 @@ cost nothing.
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Annotated, Any
 
@@ -33,7 +31,9 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
-from dialects.limits import MAX_PROBLEMS, TOO_DEEP, decode_json, deep_record, deep_record_raw
+from dialects.limits import MAX_PROBLEMS, TOO_DEEP, NotJson, TooDeep, deep_record, load_json
+from dialects.problems import Problems
+from dialects.times import iso8601_ms
 from gateway.model import Alias, Event, Record
 
 MB = 1024 * 1024
@@ -50,15 +50,6 @@ _CONTEXT_FIELDS = {
     "browser": "browser",
     "os": "os",
 }
-_as_datetime = msgspec.json.Decoder(dt.datetime).decode
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-# ISO 8601 date-time with a zone, extended or basic format; anything looser
-# (other separators, seconds in the offset) is not a timestamp.
-_ISO = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}([.,]\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)"  # extended
-    r"|\d{8}T\d{4}(\d{2}([.,]\d+)?)?(Z|[+-]\d{2}(\d{2})?)",  # basic
-    re.ASCII | re.IGNORECASE,
-)
 
 
 class InslyticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -67,25 +58,6 @@ class InslyticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     events_per_minute: Annotated[int, Meta(ge=1)] = 1000
     max_events: Annotated[int, Meta(ge=1)] = MAX_EVENTS
     max_body_bytes: int = 5 * MB
-
-
-def unix_ms(value: str) -> int | None:
-    """ISO 8601 with a zone -> unix ms; None when it is not one."""
-    try:
-        # msgspec's RFC 3339 parser first: it is the shape SDKs send, and fast.
-        moment = _as_datetime(b'"' + value.encode() + b'"')
-    except (msgspec.DecodeError, UnicodeEncodeError):
-        # Other ISO 8601 forms, strictly: fromisoformat alone is lenient
-        # (any separator, and it stops reading at a NUL).
-        if not _ISO.fullmatch(value):
-            return None
-        try:
-            moment = dt.datetime.fromisoformat(value)
-        except ValueError:
-            return None
-    if moment.tzinfo is None:
-        return None
-    return (moment - _EPOCH) // dt.timedelta(milliseconds=1)
 
 
 class Inslytic(Dialect):
@@ -130,15 +102,11 @@ class Inslytic(Dialect):
         if project is None:
             return Failure(kind="unauthorized", message="Invalid API key")
         try:
-            body, shallow = decode_json(request.body)
-        except (msgspec.DecodeError, UnicodeDecodeError):
+            body, shallow = load_json(request.body, ("events",))
+        except NotJson:
             return _invalid(["Invalid JSON"])
-        except RecursionError:
-            # Deeper than msgspec follows: find the event in the raw bytes.
-            index = deep_record_raw(request.body, ("events",))
-            if index is None:
-                return _invalid(["Invalid JSON"])
-            return _invalid([_too_deep(index)])
+        except TooDeep as exc:
+            return _invalid([_too_deep(exc.index)])
         items = body.get("events") if type(body) is dict else None
         if type(items) is not list:
             return _invalid(["events must be an array"])
@@ -148,17 +116,14 @@ class Inslytic(Dialect):
             return _invalid([f"events must contain at most {self.config.max_events} events"])
         if not shallow and (index := deep_record(request.body, items)) is not None:
             return _invalid([_too_deep(index)])
-        problems: list[str] = []
-        omitted = 0  # found, but past what an answer lists (not phrased)
+        problems = Problems()
         records: list[Record] = []
         for index, item in enumerate(items):
             found, more = self._event(item, project, request, records)
             if found:
-                room = MAX_PROBLEMS - len(problems)
-                problems += [f"Event {index}: {p}" for p in found[:room]]
-                omitted += more + max(0, len(found) - room)
+                problems.extend(f"Event {index}: ", found, more)
         if problems:
-            return _invalid(problems, omitted)
+            return problems.failure("invalid")
         return Batch(records=records, project=project, cost=len(items))
 
     def _event(self, item: Any, project: str, request: Incoming, out: list[Record]) -> tuple[list[str], int]:
@@ -177,7 +142,7 @@ class Inslytic(Dialect):
         time: int | None = None
         if stamp is None:
             problems.append("timestamp is required")
-        elif type(stamp) is not str or (time := unix_ms(stamp)) is None:
+        elif type(stamp) is not str or (time := iso8601_ms(stamp)) is None:
             problems.append("timestamp must be an ISO 8601 date-time with a timezone")
         anonymous_id = item.get("anonymousId")
         if anonymous_id is None:
@@ -265,10 +230,10 @@ class Inslytic(Dialect):
         return json_reply(status, {"error": message}, retry_after_headers(result))
 
 
-def _too_deep(index: int) -> str:
-    where = f"Event {index}:" if index >= 0 else "body:"
+def _too_deep(index: int | None) -> str:
+    where = f"Event {index}:" if index is not None else "body:"
     return f"{where} {TOO_DEEP}"
 
 
-def _invalid(problems: list[str], omitted: int = 0) -> Failure:
-    return Failure(kind="invalid", message=problems[0], details=tuple(problems), omitted=omitted)
+def _invalid(problems: list[str]) -> Failure:
+    return Failure(kind="invalid", message=problems[0], details=tuple(problems))

@@ -9,7 +9,8 @@ told back (DIALECTS.md, "Limits that keep one caller from hurting others").
   untyped and walked by `deep_record`, level by level (a loop, never the
   Python stack). msgspec follows nesting on the interpreter's stack and
   raises RecursionError near 1,000 levels; `deep_record_raw` then locates
-  the record in the raw bytes, also without recursion.
+  the record in the raw bytes, also without recursion. `load_json` does
+  both for a dialect: a value, or `NotJson`, or `TooDeep` naming the record.
 - Problem lists: `bounded` caps a refusal's details at `MAX_PROBLEMS`
   entries (the last one then reads `... and N more`) and its texts so that
   the encoded error body stays under `MAX_ERROR_BYTES`, whatever keys or
@@ -71,6 +72,40 @@ def decode_json(raw: bytes) -> tuple[Any, bool]:
         # Deeper, or a number msgspec's typed path refuses (1e400): the
         # untyped decoder decides, as before.
         return _decode_any(raw), False
+
+
+class NotJson(Exception):
+    """The body is not JSON (or not UTF-8)."""
+
+
+class TooDeep(Exception):
+    """A value is nested deeper than MAX_DEPTH: in the record at `index`,
+    or (None) elsewhere in the body or in a record not located."""
+
+    def __init__(self, index: int | None) -> None:
+        super().__init__(TOO_DEEP)
+        self.index = index
+
+
+def load_json(raw: bytes, envelope: Sequence[str] | None = ()) -> tuple[Any, bool]:
+    """`decode_json` for a dialect: the value and whether it is shallow.
+    Raises NotJson, or TooDeep for a body deeper than the decoder follows,
+    the records being the array at the path `envelope` (as in
+    `deep_record_raw`; None: the records are not located)."""
+    try:
+        return decode_json(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
+        raise NotJson from None
+    except RecursionError:
+        # msgspec's answer to nesting deeper than the interpreter allows:
+        # the record is found in the raw bytes.
+        if envelope is None:
+            raise TooDeep(None) from None
+        index = deep_record_raw(raw, envelope)
+        if index is None:
+            raise NotJson from None
+        raise TooDeep(index if index >= 0 else None) from None
 
 
 def too_shallow_to_check(raw: bytes) -> bool:
