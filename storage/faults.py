@@ -111,6 +111,10 @@ def classify(exc: BaseException) -> Fault:
             return Fault.LOST
         if isinstance(seen, sa_exc.TimeoutError):
             return Fault.BUSY  # no pooled connection came free in time
+        if isinstance(seen, sa_exc.InvalidRequestError) and "connection is closed" in str(seen):
+            # The pool handed out a connection another lane's fault had just
+            # invalidated (checkout races a renewal): nothing was sent yet.
+            return Fault.LOST
         if isinstance(seen, (OSError, ConnectionError, asyncio.TimeoutError, EOFError)):
             return Fault.LOST  # refused, reset, unreachable, or no answer in time
         name = type(seen).__name__

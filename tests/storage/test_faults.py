@@ -75,6 +75,29 @@ async def test_postgres_errors(postgres_backend) -> None:
         await engine.dispose()
 
 
+async def test_a_checkout_racing_a_renewal_is_lost_not_a_bug(postgres_backend) -> None:
+    """Lanes renewing the pool one after another can leave a checkout with no
+    connection at all (SQLAlchemy gives up after two invalidations: "This
+    connection is closed"); nothing was sent, so it is a lost connection to
+    retry, not an unexpected error logged with a traceback."""
+    from sqlalchemy import event
+
+    from storage.faults import renew_connections
+
+    engine = create_engine(postgres_backend["storage_url"])
+    # Another lane renews again while this checkout is being retried.
+    event.listen(engine.sync_engine, "checkout", lambda *_: renew_connections(engine), insert=True)
+    try:
+        renew_connections(engine)
+        with pytest.raises(Exception) as caught:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        assert "connection is closed" in str(caught.value), repr(caught.value)
+        assert classify(caught.value) is Fault.LOST and is_unavailable(caught.value)
+    finally:
+        await engine.dispose()
+
+
 def _closed_port() -> int:
     from tests.support import free_port
 
