@@ -94,8 +94,9 @@ async def running(settings: Settings) -> AsyncIterator[tuple[Any, httpx.AsyncCli
 
 
 def inslytic(*names: str, **fields: Any) -> bytes:
-    return json.dumps({"events": [{"eventName": n, "timestamp": TS, "anonymousId": "anon-1",
-                                   "sessionId": "s", "consentGiven": True, **fields} for n in names]}).encode()
+    events = [{"eventName": n, "timestamp": TS, "anonymousId": "anon-1", "sessionId": "s",
+               "consentGiven": True, **fields} for n in names]
+    return json.dumps({"events": events}).encode()
 
 
 def tracked(*events: tuple[str, str | None]) -> bytes:
@@ -195,12 +196,13 @@ async def test_refused_and_invalid_requests_cost_no_project_tokens(backend: dict
     gz = {**INSLYTIC, "content-encoding": "gzip"}
     async with running(settings) as (app, client):
         # Each from a client of its own, so only the last is over its window.
+        three, stale = inslytic("a", "b", "c"), inslytic("a", "b", "c", timestamp="yesterday")
         refusals = [
-            (await call(app, "/v1/ingest", {"authorization": "Bearer nope"}, inslytic("a", "b", "c"), ip="10.9.0.1")),
-            (await call(app, "/v1/ingest", INSLYTIC, inslytic("a", "b", "c"), ip="10.9.0.1")),  # per IP
-            (await call(app, "/v1/ingest", INSLYTIC, b" " * 2000, ip="10.9.0.2")),
-            (await call(app, "/v1/ingest", gz, b"not gzip", ip="10.9.0.3")),
-            (await call(app, "/v1/ingest", INSLYTIC, inslytic("a", "b", "c", timestamp="yesterday"), ip="10.9.0.4")),
+            await call(app, "/v1/ingest", {"authorization": "Bearer nope"}, three, ip="10.9.0.1"),
+            await call(app, "/v1/ingest", INSLYTIC, three, ip="10.9.0.1"),  # over its window
+            await call(app, "/v1/ingest", INSLYTIC, b" " * 2000, ip="10.9.0.2"),
+            await call(app, "/v1/ingest", gz, b"not gzip", ip="10.9.0.3"),
+            await call(app, "/v1/ingest", INSLYTIC, stale, ip="10.9.0.4"),
         ]
         assert [a.status for a in refusals] == [401, 429, 413, 400, 400]
         # The project's 3 tokens are all there ...
