@@ -1,4 +1,6 @@
-"""Rate limits under concurrency: never more than the limit admitted."""
+"""Rate limits under concurrency: never more than the limit admitted; the
+sliding window's Redis script answering many asks of one call as if asked
+one at a time (against a Redis of the test's own)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import time
 import pytest
 
 from dialects.base import SlidingWindow
-from gateway.ratelimit import LocalLimiter
+from gateway.ratelimit import Limiter, LocalLimiter
 from tests.support import ADMIN, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
@@ -73,3 +75,44 @@ def test_in_process_windows_of_different_lengths_keep_their_own_admissions() -> 
     assert limiter.sliding("per_ip:10.0.0.2", second) == 0  # sweeps what is idle for its 1 s
     wait = limiter.sliding("cohorly:10.0.0.1", hour)
     assert 3_590_000 <= wait <= 3_600_000
+
+
+async def test_one_call_of_many_asks_answers_as_one_ask_at_a_time(link) -> None:
+    limiter = Limiter(link)
+    two = SlidingWindow(requests=2, per_seconds=10)
+    three = SlidingWindow(requests=3, per_seconds=10)
+    order = [("a", two), ("b", three), ("a", two), ("a", two),
+             ("b", three), ("b", three), ("b", three), ("a", two)]
+    waits = await asyncio.gather(*[limiter.sliding("cohorly", key, window) for key, window in order])
+    assert [w == 0 for w in waits] == [True, True, True, False, True, True, False, False]
+    assert all(9000 < w <= 10000 for w in waits if w)  # until the oldest admission leaves the window
+    # Exactly the admissions are in the windows, expiring with them.
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:a") == 2
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:b") == 3
+    assert 9000 < await link.client.pttl("t:rl:{sliding}:cohorly:a") <= 10000
+    # A later call sees them.
+    assert await limiter.sliding("cohorly", "a", two) > 0
+
+
+
+async def test_two_gateways_asking_in_one_flight_each_add_their_own_admissions(link) -> None:
+    # Two limiters are two gateways sharing one Redis (here in one process,
+    # with the same pid): their admissions must never collide as members.
+    first, second = Limiter(link), Limiter(link)
+    four = SlidingWindow(requests=4, per_seconds=10)
+    asks = [limiter.sliding("cohorly", "c", four) for limiter in (first, second, first, second)]
+    assert await asyncio.gather(*asks) == [0, 0, 0, 0]
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:c") == 4
+    assert await first.sliding("cohorly", "c", four) > 0
+
+
+
+async def test_one_client_under_two_windows_in_one_call_is_held_to_each(link) -> None:
+    # The same key asked with two windows (a configuration changed between
+    # two workers): each group is counted against its own.
+    limiter = Limiter(link)
+    one, three = SlidingWindow(requests=1, per_seconds=10), SlidingWindow(requests=3, per_seconds=10)
+    order = [("d", one), ("d", three), ("d", one), ("d", three), ("d", three)]
+    waits = await asyncio.gather(*[limiter.sliding("cohorly", key, window) for key, window in order])
+    assert [w == 0 for w in waits] == [True, True, False, True, False]
+    assert await link.client.zcard("t:rl:{sliding}:cohorly:d") == 3
