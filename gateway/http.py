@@ -359,7 +359,9 @@ class Drain:
     def begin(self) -> None:
         self.draining = True
 
-    async def idle(self, *, quiet: float, timeout: float) -> bool:
+    # The deadline also bounds the quiet wait after the last request, so it is a
+    # parameter rather than a cancel scope around the call.
+    async def idle(self, *, quiet: float, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until no request has been in flight for `quiet` seconds, for
         at most `timeout` seconds. True when the gateway went quiet."""
         loop = asyncio.get_running_loop()

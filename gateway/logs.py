@@ -19,7 +19,7 @@ class Formatter(logging.Formatter):
     _second = -1
     _stamp = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:
             self._stamp = super().formatTime(record, "%Y-%m-%d %H:%M:%S")

@@ -129,7 +129,7 @@ class Ingest:
                 result, request, route = await self._run(request, reader)
             except ClientGone:
                 return
-            except Exception as exc:  # noqa: BLE001 (a bug: still answered in the dialect's shape)
+            except Exception as exc:  # a bug: still answered in the dialect's shape
                 services.errors.report(self.dialect.name, "pipeline", exc)
                 result = INTERNAL
             if isinstance(result, Failure):
@@ -146,11 +146,11 @@ class Ingest:
     def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         try:
             return self.dialect.render(request, result)
-        except Exception as exc:  # noqa: BLE001 (a bug: answered as one)
+        except Exception as exc:  # a bug: answered as one
             self.services.errors.report(self.dialect.name, "render", exc)
         try:
             return self.dialect.render(request, INTERNAL)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.services.errors.report(self.dialect.name, "render", exc)
             return FALLBACK
 

@@ -171,7 +171,7 @@ class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
         if reply is None:
             return [self._local.sliding(key, window) for key, window in asks]
         waits = [0] * len(asks)
-        for indexes, (admitted, wait) in zip(plan, reply):
+        for indexes, (admitted, wait) in zip(plan, reply, strict=False):  # one reply per group (hot path)
             for index in indexes[admitted:]:
                 waits[index] = wait
         return waits

@@ -201,7 +201,7 @@ class GroupCommit:
             for pending in group:
                 await self._flush([pending], lane)
             return
-        for pending, written in zip(group, results):
+        for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(written)
 

@@ -52,7 +52,7 @@ def plan_events(group: list[Pending], results: list[Written]) -> tuple[list[Even
     (the first to name it; a later copy in the same group is a duplicate)."""
     fresh: list[Event] = []
     owner: dict[tuple[str, str, str], int] = {}
-    for index, (pending, written) in enumerate(zip(group, results)):
+    for index, (pending, written) in enumerate(zip(group, results, strict=False)):  # one Written per request
         for record in pending.records:
             if type(record) is not Event:
                 continue
@@ -118,7 +118,7 @@ def touched(group: list[Pending], results: list[Written]) -> list[tuple[str, str
     """The (project, id) the group's touches name, sorted (profile rows are
     always taken in one order); each touch counts as applied."""
     found: set[tuple[str, str]] = set()
-    for pending, written in zip(group, results):
+    for pending, written in zip(group, results, strict=False):  # one Written per request
         for record in pending.records:
             if type(record) is ProfileUpdate:
                 found.add((record.project, clean(record.distinct_id)))  # type: ignore[arg-type]

@@ -104,7 +104,7 @@ class Transaction:
         if identity:
             # Under the lock, so what is read stays true until commit.
             await self.prefetch(group)
-            for pending, written in zip(group, results):
+            for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
                 for record in pending.records:
                     kind = type(record)
                     if kind is ProfileUpdate:
