@@ -236,7 +236,7 @@ class _Lookups(Kind[list[Key], set[Key]]):
         hits: set[Key] = set()
         # One reply per stream, one flag per id: equal lengths by construction,
         # and this is the request path, so no strict check.
-        for (project, source, ids), found in zip(streams, replies, strict=False):  # type: ignore[arg-type]
+        for (project, source, ids), found in zip(streams, replies, strict=False):  # type: ignore[arg-type]  # no failure: all lists
             hits.update((project, source, i) for i, f in zip(ids, found, strict=False) if f)
         return [hits.intersection(request) for request in requests]
 

@@ -136,7 +136,8 @@ class _Scripted(Kind[T, int]):
             self._link.failed("rate limiting", reply)
             return None
         self._link.succeeded()
-        return reply  # type: ignore[no-any-return]
+        answer: list[Any] = reply  # the script answers with an array
+        return answer
 
 
 class _Admissions(_Scripted[tuple[str, SlidingWindow]]):

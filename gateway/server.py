@@ -80,8 +80,8 @@ async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, l
     lifespan = Lifespan(ASGIWrapper(lifespan_app), config, loop, state)
     lifespan_task = loop.create_task(lifespan.handle_lifespan())
     await lifespan.wait_for_startup()
-    if lifespan_task.done() and lifespan_task.exception() is not None:
-        raise lifespan_task.exception()  # type: ignore[misc]
+    if lifespan_task.done() and (failure := lifespan_task.exception()) is not None:
+        raise failure
     context = WorkerContext(None)
     connections: set[asyncio.Task[None]] = set()
     accepting = [

@@ -113,7 +113,7 @@ class GroupCommit:
         # Fill one lane while it keeps up, so small requests still share big
         # groups (one commit for many); overflow to the next only on a real
         # backlog. Event lanes first, the ordered lane 0 last.
-        order = [*range(1, len(self._queues)), 0]
+        order: list[int] = [*range(1, len(self._queues)), 0]
         for lane in order:
             if self._load[lane] < _LANE_BACKLOG:
                 return lane
