@@ -47,7 +47,7 @@ async def postgres(dsn: str, seconds: float) -> float:
     done = 0
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
-        columns = list(zip(*_rows(BATCH)))
+        columns = list(zip(*_rows(BATCH), strict=True))
         await conn.execute(sql, *columns)
         done += BATCH
     elapsed = time.perf_counter() - started

@@ -164,7 +164,8 @@ done = function(summary, latency, requests)
     total_bad = total_bad + t:get("non2xx")
   end
   local e = summary.errors
-  io.write(string.format('RESULT {"requests":%%d,"ok":%%d,"non2xx":%%d,"p50":%%.3f,"p99":%%.3f,"seconds":%%.3f,"errors":%%d}\n',
+  io.write(string.format('RESULT {"requests":%%d,"ok":%%d,"non2xx":%%d,"p50":%%.3f,"p99":%%.3f,'
+    .. '"seconds":%%.3f,"errors":%%d}\n',
     summary.requests, total_ok, total_bad, latency:percentile(50) / 1000, latency:percentile(99) / 1000,
     summary.duration / 1e6, e.connect + e.read + e.write + e.timeout))
 end
@@ -411,7 +412,7 @@ def main() -> int:
             if scenario.ref:
                 mine = [(x["rps"] if scenario.ref.startswith("http-") else x["ok"] * scenario.events / x["seconds"])
                         for x in results]
-                row["ratio"] = statistics.median(m / ref for m, ref in zip(mine, refs))
+                row["ratio"] = statistics.median(m / ref for m, ref in zip(mine, refs, strict=True))
                 row["refs"] = refs
             if scenario.backend != "noop":
                 time.sleep(1)  # let in-flight requests at wrk's cut-off finish
@@ -434,7 +435,8 @@ def main() -> int:
                 paced_row = {"scenario": "cohorly-single@half", "backend": "pg", **paced,
                              "eps": paced["ok"] / paced["seconds"], "rss": proc.memory()}
                 rows.append(paced_row)
-                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in paced_row.items()}), flush=True)
+                shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in paced_row.items()}
+                print(json.dumps(shown), flush=True)
         if args.soak and (not only or "soak" in only):
             proc = server("pg")
             scenario = next(s for s in scenarios() if s.name == "cohorly-batch500")
@@ -513,7 +515,8 @@ def report(rows: list[dict], ceilings: dict[str, float]) -> None:
               f"  [median of {len(row['refs'])} rounds; reference per round: {refs}]")
     if "cohorly-single@half" in by:
         p99 = by["cohorly-single@half"]["p99"]
-        print(f"{'single /track p99 at half the max rate':<48} {p99:6.1f} ms (target <= 25)  {'ok' if p99 <= 25 else 'BELOW TARGET'}")
+        verdict = "ok" if p99 <= 25 else "BELOW TARGET"
+        print(f"{'single /track p99 at half the max rate':<48} {p99:6.1f} ms (target <= 25)  {verdict}")
     rss = max((r["rss"] for r in rows if r["backend"] != "noop"), default=0)
     print(f"{'peak RSS per worker':<48} {rss:6.0f} MB (target <= 250)  {'ok' if rss <= 250 else 'BELOW TARGET'}")
     soak = next((r for r in rows if r["scenario"].startswith("soak")), None)
@@ -522,7 +525,8 @@ def report(rows: list[dict], ceilings: dict[str, float]) -> None:
         print(f"{'soak RSS growth, first to fifth sample':<48} {growth * 100:5.1f} % (target <= 10 %)  "
               f"{'ok' if growth <= 0.10 else 'BELOW TARGET'}")
     missing = sum(r.get("missing", 0) for r in rows)
-    print(f"{'acknowledged events missing, all scenarios':<48} {missing:6d}  (target 0)  {'ok' if missing == 0 else 'LOST DATA'}")
+    verdict = "ok" if missing == 0 else "LOST DATA"
+    print(f"{'acknowledged events missing, all scenarios':<48} {missing:6d}  (target 0)  {verdict}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _same(item: Hashable) -> Hashable:
     return item
 
 
-def _empty_string(item: Any) -> bool:
+def _empty_string(item: object) -> bool:
     return item == ""
 
 

@@ -52,7 +52,7 @@ class _Schema(Checked):
     needs_an_id: ClassVar[bool] = False
 
     def valid(self) -> bool:
-        if self.needs_an_id and self.anonymous_id is None and self.external_id is None:  # type: ignore[attr-defined]
+        if self.needs_an_id and self.anonymous_id is None and self.external_id is None:  # type: ignore[attr-defined]  # subclasses' fields
             return False
         timezone = getattr(self, "timezone", None)
         return type(timezone) is not str or timezone in TIMEZONES

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
@@ -72,7 +72,7 @@ class Invalid(Exception):
     """A record is invalid; the message names the field at fault."""
 
 
-def _nonempty_str(value: Any) -> bool:
+def _nonempty_str(value: Any) -> TypeGuard[str]:
     return type(value) is str and value != ""
 
 
@@ -176,7 +176,7 @@ class Cohorly(Dialect):
             body = _decode_track(request.body)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
-        items = body if type(body) is list else [body]
+        items = body if isinstance(body, list) else [body]  # decoded: never a list subclass
         if not items or len(items) > self.config.max_batch:
             return None
         header_token = request.headers.get("x-cohorly-token")

@@ -204,7 +204,8 @@ class Collect(Dialect):
                 return self._dropped("too_deep", where + TOO_DEEP, raw, request)
         project = self._project(request)
         if project is None:
-            return Batch(rejections=[self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)])
+            unknown = self._reject(None, "unknown_source", "missing or unknown tc_s/token", raw, request)
+            return Batch(rejections=[unknown])
         if in_batch:
             items = body.get("batch") if type(body) is dict else None
             if type(items) is not list:
@@ -328,7 +329,8 @@ class Collect(Dialect):
             if result.kind == "unavailable":
                 # Storage is down, or the worker full: the one case where
                 # 200 would lose data.
-                return json_reply(503, {"error": "service unavailable"}, (("retry-after", str(result.retry_after or 5)),))
+                retry = (("retry-after", str(result.retry_after or 5)),)
+                return json_reply(503, {"error": "service unavailable"}, retry)
             # Internal errors, and limits this dialect is never put under:
             # never a 200 for data not kept.
             return json_reply(500, {"error": "internal error"})

@@ -210,7 +210,7 @@ def bounded(failure: Failure) -> Failure:
     for detail in details:
         text = _cut(detail)
         cost = len(_encode(text)) + 1
-        if len(kept) == MAX_PROBLEMS - 1 and total > MAX_PROBLEMS or cost > budget - 40:
+        if (len(kept) == MAX_PROBLEMS - 1 and total > MAX_PROBLEMS) or cost > budget - 40:
             break
         kept.append(text)
         budget -= cost

@@ -17,13 +17,13 @@ from gateway.dedup import Dedup
 from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
-from gateway.shared import Shared
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter
 from gateway.redislink import RedisLink
+from gateway.shared import Shared
 from storage.engine import create_engine
-from storage.migrate import upgrade
 from storage.factory import open_sink
+from storage.migrate import upgrade
 from storage.sink import SinkKind, SinkOptions
 
 log = logging.getLogger("dialgate")

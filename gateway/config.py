@@ -13,9 +13,10 @@ import ipaddress
 import math
 import os
 import tomllib
+import types
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, cast
 
 import msgspec
 from msgspec import Meta
@@ -31,10 +32,14 @@ class ConfigError(Exception):
 
 
 class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Frozen and strict: a typo in the config file is an error, not a default."""
+    """Frozen and strict: a typo in the config file is an error, not a default.
+
+    Subclasses say `frozen=True` again: msgspec inherits it at run time, but
+    type checkers read class parameters per class (PEP 681), and would take a
+    subclass for a mutable one."""
 
 
-class ServerConfig(_Base):
+class ServerConfig(_Base, frozen=True):
     bind: str = "127.0.0.1:8000"
     workers: int = 1
     # CIDRs whose X-Forwarded-For header is believed.
@@ -56,7 +61,7 @@ class ServerConfig(_Base):
     max_inflight_bytes: int = 64 * 1024 * 1024
 
 
-class StorageConfig(_Base):
+class StorageConfig(_Base, frozen=True):
     url: str = "sqlite+aiosqlite:///./dialgate.db"
     migrate_on_start: bool = True
     # Group commit: the writer flushes whatever is queued, at most this many
@@ -79,7 +84,7 @@ class StorageConfig(_Base):
         return f"StorageConfig(url={_mask_url(self.url)!r}, ...)"
 
 
-class RedisConfig(_Base):
+class RedisConfig(_Base, frozen=True):
     url: str = ""  # empty: in-process limits and dedup cache
     dedup_ttl_seconds: int = 86400
     key_prefix: str = "dialgate"
@@ -96,7 +101,7 @@ class RedisConfig(_Base):
         return f"RedisConfig(url={_mask_url(self.url)!r}, ...)"
 
 
-class AdminConfig(_Base):
+class AdminConfig(_Base, frozen=True):
     keys: list[str] = []
     # HOST:PORT of a listener of its own for the admin API, /metrics and
     # /readyz (then 404 on the public one); empty: the public listener.
@@ -106,7 +111,7 @@ class AdminConfig(_Base):
         return f"AdminConfig(keys=<{len(self.keys)} masked>)"
 
 
-class ProjectConfig(_Base):
+class ProjectConfig(_Base, frozen=True):
     """One `[[projects]]` table. Its other keys are the dialects': each
     dialect's credential lists and per-project options (`schema` adds them)."""
 
@@ -116,7 +121,7 @@ class ProjectConfig(_Base):
         return f"ProjectConfig(name={self.name!r}, credentials=<masked>)"
 
 
-class QuarantineConfig(_Base):
+class QuarantineConfig(_Base, frozen=True):
     # Rejection rows kept per (project, source, reason) per minute and process;
     # the first of each minute is always kept.
     per_minute: int = 10
@@ -125,19 +130,19 @@ class QuarantineConfig(_Base):
     keep_days: int = 30
 
 
-class SinkConfig(_Base):
+class SinkConfig(_Base, frozen=True):
     # Where accepted records go: "database" writes the tables of [storage] url.
     kind: Literal["database"] = "database"
 
 
-class LimitsConfig(_Base):
+class LimitsConfig(_Base, frozen=True):
     # At most `requests` per client IP in any `per_seconds` on every
     # ingestion endpoint that may answer 429 (not collect, not /health);
     # beside the dialects' own limits. None: off.
     per_ip: SlidingWindow | None = None
 
 
-class Settings(_Base):
+class Settings(_Base, frozen=True):
     """The whole configuration. What the dialects add (`projects`' keys
     beyond `name`, the `dialects` section) depends on the registry: the
     Settings of one registry is the subclass `schema(registry)` makes,
@@ -168,7 +173,9 @@ def schema(registry: Registry) -> type[Settings]:
     project_fields: list[tuple[str, Any, Any]] = []
     for dialect in registry:
         for credential in dialect.credential_lists:
-            project_fields.append((credential.field, list[credential.item], msgspec.field(default_factory=list)))
+            # list[item], spelled as the alias it is: `item` is a value here.
+            items = types.GenericAlias(list, (credential.item,))
+            project_fields.append((credential.field, items, msgspec.field(default_factory=list)))
         for option in dialect.project_fields:
             project_fields.append((option.field, option.type, option.default))
     project = msgspec.defstruct("ProjectConfig", project_fields, bases=(ProjectConfig,), module=__name__)
@@ -180,16 +187,19 @@ def schema(registry: Registry) -> type[Settings]:
         kw_only=True,
         module=__name__,
     )
-    return msgspec.defstruct(
+    built = msgspec.defstruct(
         "Settings",
         [
-            ("projects", list[project], msgspec.field(default_factory=list)),  # type: ignore[valid-type]
+            ("projects", types.GenericAlias(list, (project,)), msgspec.field(default_factory=list)),
             ("dialects", dialects, msgspec.field(default_factory=dialects)),
         ],
         bases=(Settings,),
         namespace={"registry": registry},
         module=__name__,
     )
+    # A subclass of Settings (bases= above), made at run time: beyond what
+    # defstruct's signature can say.
+    return cast("type[Settings]", built)
 
 
 def load(
@@ -231,11 +241,12 @@ def from_dict(
 
 
 def _defaults(settings_type: type[Settings]) -> dict[str, Any]:
-    return msgspec.to_builtins(settings_type())  # type: ignore[no-any-return]
+    defaults: dict[str, Any] = msgspec.to_builtins(settings_type())
+    return defaults
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str], defaults: dict[str, Any]) -> dict[str, Any]:
-    data = _deepcopy(raw)
+    data: dict[str, Any] = _deepcopy(raw)
     for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
             continue

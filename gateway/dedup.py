@@ -234,8 +234,10 @@ class _Lookups(Kind[list[Key], set[Key]]):
         # An answered read does not clear a failure: a full Redis answers
         # reads while refusing writes (see RedisLink.readiness).
         hits: set[Key] = set()
-        for (project, source, ids), found in zip(streams, replies):  # type: ignore[arg-type]
-            hits.update((project, source, i) for i, f in zip(ids, found) if f)
+        # One reply per stream, one flag per id: equal lengths by construction,
+        # and this is the request path, so no strict check.
+        for (project, source, ids), found in zip(streams, replies, strict=False):  # type: ignore[arg-type]  # no failure: all lists
+            hits.update((project, source, i) for i, f in zip(ids, found, strict=False) if f)
         return [hits.intersection(request) for request in requests]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 Scope = dict[str, Any]
@@ -54,7 +54,7 @@ class InflightBytes:
         self.used -= size
 
 
-def content_length(headers: dict[str, str]) -> int | None:
+def content_length(headers: Mapping[str, str]) -> int | None:
     """The declared Content-Length; None when absent or not a number (ASCII
     digits only: "²" is a digit to str.isdigit, and int() refuses it)."""
     declared = headers.get("content-length", "").strip()
@@ -131,7 +131,7 @@ class BodyReader:
         self.held = 0  # bytes counted against the budget (see `release`)
         self.complete = False
 
-    async def read(self, headers: dict[str, str], limit: int, deadlines: Deadlines) -> bytes:
+    async def read(self, headers: Mapping[str, str], limit: int, deadlines: Deadlines) -> bytes:
         """The body; TooLarge past `limit`, Overloaded past the worker's
         budget of bytes in flight (before reading, for a declared length)."""
         declared = content_length(headers)
@@ -177,7 +177,7 @@ class BodyReader:
             self._budget.give(self.held)
         self.held = 0
 
-    async def refuse(self, headers: dict[str, str]) -> None:
+    async def refuse(self, headers: Mapping[str, str]) -> None:
         """For a request refused before its body was read: discard the body
         (as `drain`) so the answer is not overtaken by a reset, unless it
         declares more than is worth draining (then answer and close)."""
@@ -257,7 +257,8 @@ class ClientAddress:
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]  # the ASGI spec's type
+    for key, value in headers:
         if key.lower() == name:
             return value
     return None
@@ -359,7 +360,9 @@ class Drain:
     def begin(self) -> None:
         self.draining = True
 
-    async def idle(self, *, quiet: float, timeout: float) -> bool:
+    # The deadline also bounds the quiet wait after the last request, so it is a
+    # parameter rather than a cancel scope around the call.
+    async def idle(self, *, quiet: float, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until no request has been in flight for `quiet` seconds, for
         at most `timeout` seconds. True when the gateway went quiet."""
         loop = asyncio.get_running_loop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -19,7 +19,7 @@ class Formatter(logging.Formatter):
     _second = -1
     _stamp = ""
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
         if second != self._second:
             self._stamp = super().formatTime(record, "%Y-%m-%d %H:%M:%S")
@@ -35,7 +35,7 @@ class Formatter(logging.Formatter):
         return f"{self._stamp},{int((created - second) * 1000):03d} {level} {name} {message}"
 
 
-class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class TurnHandler(logging.StreamHandler[TextIO]):
     """Lines logged during one turn of the event loop are written together
     right after it: under load one write for many requests instead of a
     write (a system call) for each. Nothing waits longer than that turn;
@@ -70,7 +70,7 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self._write_locked()
 
     def _write_locked(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
+        with self.lock:  # type: ignore[union-attr]  # set by Handler.__init__
             self._write()
 
     def _write(self) -> None:
@@ -80,7 +80,7 @@ class TurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
 
     def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
+        with self.lock:  # type: ignore[union-attr]  # set by Handler.__init__
             self._write()
             super().flush()
 
@@ -131,5 +131,5 @@ def info(logger: logging.Logger, message: str, *args: Any) -> None:
     if handler is None:
         logger.info(message, *args)
         return
-    formatter: Formatter = handler.formatter  # type: ignore[assignment]
+    formatter: Formatter = handler.formatter  # type: ignore[assignment]  # configure() installs ours
     handler.queue(formatter.line(logger.name, "INFO", message % args, time.time()))

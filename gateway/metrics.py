@@ -65,7 +65,8 @@ class Metrics:
         lines += [f"# HELP {name} Ingestion request latency.", f"# TYPE {name} histogram"]
         for dialect, row in sorted(self._hist.items()):
             cumulative = 0.0
-            for bound, count in zip(BUCKETS, row):
+            # The row holds the sum and the count past the buckets: not zipped.
+            for bound, count in zip(BUCKETS, row, strict=False):
                 cumulative += count
                 lines.append(f'{name}_bucket{{dialect="{dialect}",le="{bound}"}} {int(cumulative)}')
             lines.append(f'{name}_bucket{{dialect="{dialect}",le="+Inf"}} {int(row[-1])}')

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import msgspec
 
-
 # Ids (distinct, anonymous, user, device ids) are indexed, and an index entry
 # must stay small on every backend (PostgreSQL counts bytes), so ids over
 # this many UTF-8 bytes are refused.

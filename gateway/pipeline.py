@@ -129,7 +129,7 @@ class Ingest:
                 result, request, route = await self._run(request, reader)
             except ClientGone:
                 return
-            except Exception as exc:  # noqa: BLE001 (a bug: still answered in the dialect's shape)
+            except Exception as exc:  # a bug: still answered in the dialect's shape
                 services.errors.report(self.dialect.name, "pipeline", exc)
                 result = INTERNAL
             if isinstance(result, Failure):
@@ -146,11 +146,11 @@ class Ingest:
     def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         try:
             return self.dialect.render(request, result)
-        except Exception as exc:  # noqa: BLE001 (a bug: answered as one)
+        except Exception as exc:  # a bug: answered as one
             self.services.errors.report(self.dialect.name, "render", exc)
         try:
             return self.dialect.render(request, INTERNAL)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self.services.errors.report(self.dialect.name, "render", exc)
             return FALLBACK
 
@@ -263,7 +263,7 @@ class Ingest:
         if cached:
             records = [
                 r for r in records
-                if not (type(r) is Event and (r.project, r.source, r.insert_id) in cached)  # type: ignore[union-attr]
+                if not (type(r) is Event and (r.project, r.source, r.insert_id) in cached)
             ]
         skipped = len(batch.records) - len(records)
         if not records:
@@ -293,7 +293,7 @@ class Ingest:
         metrics, dialect = self.services.metrics, self.dialect.name
         received = Counter([r.project for r in batch.records if type(r) is Event])
         kept = Counter([key[0] for key in stored])
-        kept.update([r.project for r in written if type(r) is Event and r.insert_id is None])  # type: ignore[union-attr]
+        kept.update([r.project for r in written if type(r) is Event and r.insert_id is None])
         for project, count in received.items():
             metrics.events(dialect, project, count, kept[project])
 
@@ -352,7 +352,7 @@ def _rate_limited(wait_ms: int) -> Failure:
 
 def _keys(records: list[Record]) -> list[Key]:
     return [
-        (r.project, r.source, r.insert_id)  # type: ignore[union-attr]
+        (r.project, r.source, r.insert_id)
         for r in records
         if type(r) is Event and r.insert_id is not None
     ]

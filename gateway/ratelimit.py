@@ -136,7 +136,8 @@ class _Scripted(Kind[T, int]):
             self._link.failed("rate limiting", reply)
             return None
         self._link.succeeded()
-        return reply  # type: ignore[no-any-return]
+        answer: list[Any] = reply  # the script answers with an array
+        return answer
 
 
 class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
@@ -171,7 +172,7 @@ class _Admissions(_Scripted[tuple[str, SlidingWindow]]):
         if reply is None:
             return [self._local.sliding(key, window) for key, window in asks]
         waits = [0] * len(asks)
-        for indexes, (admitted, wait) in zip(plan, reply):
+        for indexes, (admitted, wait) in zip(plan, reply, strict=False):  # one reply per group (hot path)
             for index in indexes[admitted:]:
                 waits[index] = wait
         return waits

@@ -222,7 +222,7 @@ class Coalesce(Generic[T, R]):
                             future.set_exception(exc)
                             future.exception()  # retrieved, even if the caller is gone
                     continue
-                for (_, future), result in zip(batch, results):
+                for (_, future), result in zip(batch, results, strict=False):  # one result per call (hot path)
                     if future is not None and not future.done():
                         future.set_result(result)
         finally:
@@ -367,13 +367,13 @@ class Flight:
                 scripts = {s.sha: s for kind in by_kind for s in kind.scripts}
                 loads = [("SCRIPT", "LOAD", s.script) for s in scripts.values()]
                 again = await self._channel.execute(loads + [commands[i] for i in missing])
-                for i, reply in zip(missing, again[len(loads):]):
+                for i, reply in zip(missing, again[len(loads):], strict=True):
                     replies[i] = reply
         except Exception as exc:
             replies = exc
         results: list[Any] = [None] * len(calls)
         for kind, indexes, items, plan, start, end in spans:
             part = replies if isinstance(replies, Exception) else replies[start:end]
-            for i, result in zip(indexes, kind.results(items, plan, part)):
+            for i, result in zip(indexes, kind.results(items, plan, part), strict=False):  # one per item (hot path)
                 results[i] = result
         return results

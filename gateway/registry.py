@@ -38,7 +38,7 @@ def discover() -> Registry:
             f"no dialects registered in the entry-point group {GROUP!r}: is dialgate installed "
             "(pip install . or pip install -e .)?"
         )
-    return check(((_describe(ep), _load(ep)) for ep in found))
+    return check((_describe(ep), _load(ep)) for ep in found)
 
 
 def check(entries: Iterable[tuple[str, object]]) -> Registry:
@@ -87,8 +87,10 @@ def _describe(ep: EntryPoint) -> str:
 def _load(ep: EntryPoint) -> object:
     try:
         loaded: object = ep.load()
-    except Exception as exc:  # noqa: BLE001 (any failure of a plug-in's import is reported as its own)
-        raise PluginError(f"dialect entry point {_describe(ep)}: cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # any failure of a plug-in's import is reported as its own
+        raise PluginError(
+            f"dialect entry point {_describe(ep)}: cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     name = getattr(loaded, "name", None)
     if isinstance(loaded, type) and issubclass(loaded, Dialect) and name != ep.name:
         raise PluginError(f"dialect entry point {_describe(ep)}: named {ep.name!r} but the dialect is {name!r}")

@@ -127,6 +127,8 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
     async def main() -> None:
         signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Held here: the loop keeps only a weak reference to a task.
+        watcher: asyncio.Task[None] | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, signalled.set)
         if parent is None:
@@ -134,7 +136,7 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
         else:
             # A worker: its supervisor says it once for all.
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
-            loop.create_task(_watch_parent(parent, signalled))
+            watcher = loop.create_task(_watch_parent(parent, signalled))
         if banner:
             log.info("%s", banner)
 
@@ -151,6 +153,8 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
         # admin listener's apps are served as they are.
         served = [Listener(item.sock, drain if item.app is app else item.app, item.name) for item in listeners]
         await serve(drain, served, config, limits, shutdown_trigger)
+        if watcher is not None:
+            watcher.cancel()  # as asyncio.run would on return
 
     asyncio.run(main())
     return 0

@@ -25,6 +25,7 @@ This accept loop and connection keep hypercorn's protocols and add:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -79,8 +80,8 @@ async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, l
     lifespan = Lifespan(ASGIWrapper(lifespan_app), config, loop, state)
     lifespan_task = loop.create_task(lifespan.handle_lifespan())
     await lifespan.wait_for_startup()
-    if lifespan_task.done() and lifespan_task.exception() is not None:
-        raise lifespan_task.exception()  # type: ignore[misc]
+    if lifespan_task.done() and (failure := lifespan_task.exception()) is not None:
+        raise failure
     context = WorkerContext(None)
     connections: set[asyncio.Task[None]] = set()
     accepting = [
@@ -102,10 +103,8 @@ async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, l
             await asyncio.wait(set(connections), timeout=config.graceful_timeout)
         await lifespan.wait_for_shutdown()
         lifespan_task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await lifespan_task
-        except asyncio.CancelledError:
-            pass
 
 
 async def _accept(listener: Listener, app: Any, config: Any, context: WorkerContext, state: dict[str, Any],
@@ -260,10 +259,8 @@ class Connection:
                 await self.protocol.handle(Closed())
 
     async def idle_timeout(self) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.context.terminated.wait(), self.config.keep_alive_timeout)
-        except TimeoutError:
-            pass
         await asyncio.shield(self.close_from_server())
 
     async def close_from_server(self) -> None:
@@ -271,10 +268,8 @@ class Connection:
         self.writer.close()
 
     async def close(self) -> None:
-        try:
+        with contextlib.suppress(NotImplementedError, OSError, RuntimeError):
             self.writer.write_eof()
-        except (NotImplementedError, OSError, RuntimeError):
-            pass
         try:
             self.writer.close()
             await self.writer.wait_closed()

@@ -113,7 +113,7 @@ class GroupCommit:
         # Fill one lane while it keeps up, so small requests still share big
         # groups (one commit for many); overflow to the next only on a real
         # backlog. Event lanes first, the ordered lane 0 last.
-        order = [*range(1, len(self._queues)), 0]
+        order: list[int] = [*range(1, len(self._queues)), 0]
         for lane in order:
             if self._load[lane] < _LANE_BACKLOG:
                 return lane
@@ -201,7 +201,7 @@ class GroupCommit:
             for pending in group:
                 await self._flush([pending], lane)
             return
-        for pending, written in zip(group, results):
+        for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(written)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from gateway.model import Event, ProfileUpdate, Record, Rejection
 from storage.sink import Written
@@ -39,6 +39,10 @@ def chunks(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
         yield items[start : start + _CHUNK]
 
 
+@overload
+def clean(text_: str) -> str: ...
+@overload
+def clean(text_: str | None) -> str | None: ...
 def clean(text_: str | None) -> str | None:
     """U+0000 -> U+FFFD in text columns: PostgreSQL's text type refuses NUL,
     and both backends must store the same thing."""
@@ -52,11 +56,11 @@ def plan_events(group: list[Pending], results: list[Written]) -> tuple[list[Even
     (the first to name it; a later copy in the same group is a duplicate)."""
     fresh: list[Event] = []
     owner: dict[tuple[str, str, str], int] = {}
-    for index, (pending, written) in enumerate(zip(group, results)):
+    for index, (pending, written) in enumerate(zip(group, results, strict=False)):  # one Written per request
         for record in pending.records:
             if type(record) is not Event:
                 continue
-            event: Event = record  # type: ignore[assignment]
+            event: Event = record
             if event.insert_id is not None:
                 key = (event.project, event.source, clean(event.insert_id))
                 if key in owner:
@@ -85,8 +89,8 @@ def is_touch(record: Record) -> bool:
     """A profile update that only marks its person seen: created empty when
     missing, else only its updated_at moves."""
     return (
-        type(record) is ProfileUpdate and record.touch  # type: ignore[union-attr]
-        and not record.delete and not _changes(record)  # type: ignore[union-attr, arg-type]
+        type(record) is ProfileUpdate and record.touch
+        and not record.delete and not _changes(record)
     )
 
 
@@ -118,9 +122,9 @@ def touched(group: list[Pending], results: list[Written]) -> list[tuple[str, str
     """The (project, id) the group's touches name, sorted (profile rows are
     always taken in one order); each touch counts as applied."""
     found: set[tuple[str, str]] = set()
-    for pending, written in zip(group, results):
+    for pending, written in zip(group, results, strict=False):  # one Written per request
         for record in pending.records:
             if type(record) is ProfileUpdate:
-                found.add((record.project, clean(record.distinct_id)))  # type: ignore[arg-type]
+                found.add((record.project, clean(record.distinct_id)))
                 written.applied += 1
     return sorted(found)

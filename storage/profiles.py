@@ -37,7 +37,8 @@ def json_key(value: Any) -> Hashable:
         return (_LIST, tuple(json_key(item) for item in value))
     if kind is dict:
         return (_DICT, frozenset((k, json_key(v)) for k, v in value.items()))
-    return value  # str, int, float, None: Python's own equality is JSON's
+    scalar: Hashable = value  # str, int, float, None: Python's own equality is JSON's
+    return scalar
 
 
 def _keys_of(items: list[Any]) -> set[Hashable]:

@@ -104,10 +104,11 @@ class Transaction:
         if identity:
             # Under the lock, so what is read stays true until commit.
             await self.prefetch(group)
-            for pending, written in zip(group, results):
+            for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
                 for record in pending.records:
                     kind = type(record)
                     if kind is ProfileUpdate:
+                        # `kind is X` (one type() call per record) narrows nothing for mypy.
                         await self.profile(record)  # type: ignore[arg-type]
                         written.applied += 1
                     elif kind is Alias:
@@ -159,7 +160,7 @@ class Transaction:
                     ids = [record.alias, record.distinct_id]
                 else:
                     continue
-                named.setdefault(record.project, set()).update(clean(i) for i in ids)  # type: ignore[misc]
+                named.setdefault(record.project, set()).update(clean(i) for i in ids)
         for project, ids_ in sorted(named.items()):
             for chunk in chunks(sorted(ids_)):
                 found = await self._links_of(project, chunk)
@@ -167,10 +168,10 @@ class Transaction:
                     self._links[(project, id_)] = found.get(id_)  # None: no link yet
             persons = sorted({self._links[(project, i)] or i for i in ids_})
             for chunk in chunks(persons):
-                found = await self._profiles_of(project, chunk)
+                profiles = await self._profiles_of(project, chunk)
                 for person in chunk:
-                    self._profiles[(project, person)] = found.get(person)  # None: no profile
-                    if person in found:
+                    self._profiles[(project, person)] = profiles.get(person)  # None: no profile
+                    if person in profiles:
                         self._loaded.add((project, person))
 
     async def _links_of(self, project: str, ids: Sequence[str]) -> dict[str, str]:
@@ -180,7 +181,7 @@ class Transaction:
         rows = await self.conn.execute(
             select(a.c.alias, a.c.person).where(a.c.project == project, self._among(a.c.alias, ids))
         )
-        return dict(rows.all())  # type: ignore[arg-type]
+        return dict(rows.all())
 
     async def _profiles_of(self, project: str, persons: Sequence[str]) -> dict[str, dict[str, Any]]:
         if self.straight():
@@ -192,7 +193,7 @@ class Transaction:
                 p.c.project == project, self._among(p.c.distinct_id, persons)
             )
         )
-        return dict(result.all())  # type: ignore[arg-type]
+        return dict(result.all())
 
     async def _link(self, project: str, id_: str) -> str | None:
         key = (project, id_)
@@ -225,7 +226,7 @@ class Transaction:
         self._dirty.add((project, person))
 
     async def profile(self, update_: ProfileUpdate) -> None:
-        person = await self.resolve(update_.project, clean(update_.distinct_id))  # type: ignore[arg-type]
+        person = await self.resolve(update_.project, clean(update_.distinct_id))
         current = await self._profile(update_.project, person)
         if current is None and (update_.delete or is_noop(update_)):
             return
@@ -324,9 +325,10 @@ class Transaction:
 
     def device(self, record: Device) -> None:
         """Queue a registration; `save_devices` writes them all at the end."""
-        values = {
+        device_id = clean(record.device_id)
+        values: dict[str, Any] = {
             "project": record.project,
-            "device_id": clean(record.device_id),
+            "device_id": device_id,
             "distinct_id": clean(record.distinct_id),
             "source": record.source,
             "push_token": clean(record.push_token),
@@ -340,7 +342,7 @@ class Transaction:
         # Keyed by device: the last registration in the group wins, as when
         # each was its own upsert (and one PostgreSQL upsert statement may not
         # update the same row twice).
-        self._devices[(values["project"], values["device_id"])] = values
+        self._devices[(record.project, device_id)] = values
 
     async def save_devices(self) -> None:
         rows = [self._devices[k] for k in sorted(self._devices)]
@@ -372,8 +374,8 @@ class Transaction:
                     delete(p).where(p.c.project == project, self._among(p.c.distinct_id, chunk))
                 )
         if upserts and self.straight():
-            for chunk in chunks(upserts):
-                await self.driver.execute(PG_PROFILES_UPSERT, json_text(chunk))
+            for rows in chunks(upserts):
+                await self.driver.execute(PG_PROFILES_UPSERT, json_text(rows))
         elif upserts:
             await self._upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
 

@@ -13,7 +13,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.support import ADMIN, events_of, gateway, profile_of, props_of, rejections_of, settings_for
+from tests.support import events_of, gateway, profile_of, props_of, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 

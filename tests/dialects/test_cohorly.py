@@ -16,7 +16,7 @@ import pytest
 
 from gateway.app import build_app
 from gateway.config import Settings
-from tests.support import ADMIN, events_of, gateway, lifespan, profile_of, props_of, rejections_of, settings_for
+from tests.support import events_of, gateway, lifespan, profile_of, props_of, rejections_of, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -710,7 +710,7 @@ async def test_engage_append_union_remove(backend) -> None:
 
         details = [r["detail"] for r in await rejections_of(client, project="shop")]
         assert len(details) == 3, details
-        for verb, detail in zip(("$append", "$union", "$remove"), details):
+        for verb, detail in zip(("$append", "$union", "$remove"), details, strict=True):
             assert verb in detail and "name" in detail, detail
 
 

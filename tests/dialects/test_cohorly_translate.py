@@ -372,7 +372,8 @@ def test_track_fast_path_agrees_with_the_general_path(body: Any, header: str | N
 
 
 @pytest.mark.parametrize(
-    "name", ["node_track_batch.json", "python_buffered_track.json", "python_consumer_track.json", "web_beacon_track.json"]
+    "name",
+    ["node_track_batch.json", "python_buffered_track.json", "python_consumer_track.json", "web_beacon_track.json"],
 )
 def test_track_fast_path_takes_what_the_sdks_send(name: str) -> None:
     request = incoming("track", payload(name), {"X-Cohorly-Token": "tok_shop"})

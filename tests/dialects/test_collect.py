@@ -490,7 +490,7 @@ async def test_event_id_in_any_of_its_places_is_one_idempotency_key(backend, pat
     ]
     async with gateway(settings_for(backend)) as client:
         # The first shape stores; the same key in every other shape is a duplicate.
-        for index, first in enumerate(shapes):
+        for index, _first in enumerate(shapes):
             key = f"key-{index}"
             events = [shape(key) for shape in shapes[index:] + shapes[:index]]
             if path == "/events":
@@ -606,7 +606,8 @@ async def test_ids_are_capped_in_bytes_identically_on_every_backend(backend) -> 
         fits, over, wide = wide_id(1, 256), wide_id(2, 257), wide_id(3, 1024)
         assert_ok(await post(client, "/events", {"event_name": "wide", "user": {"id": fits}}))
         for too_long in (over, wide):
-            assert_ok(await post(client, "/events", {"event_name": "too-wide", "user": {"consistent_anonymous_id": too_long}}))
+            body = {"event_name": "too-wide", "user": {"consistent_anonymous_id": too_long}}
+            assert_ok(await post(client, "/events", body))
         stored = await events_of(client)
         assert [(e["name"], e["distinct_id"]) for e in stored] == [("wide", fits)]
         assert [r["reason"] for r in await rejections_of(client)] == ["id_too_long", "id_too_long"]

@@ -76,7 +76,7 @@ def servers(tmp_path: Path, configs: list[str], migrate: bool) -> Iterator[list[
             processes.append((process, err))
             urls.append(f"http://127.0.0.1:{port}")
         deadline = time.monotonic() + 30
-        for (process, err), url in zip(processes, urls):
+        for (process, err), url in zip(processes, urls, strict=True):
             while True:
                 assert process.poll() is None, f"server exited early: {err.read_text()}"
                 try:

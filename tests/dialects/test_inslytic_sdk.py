@@ -61,7 +61,7 @@ async def rejections_of(client: httpx.AsyncClient) -> list[dict]:
 
 def assert_stored_as_sent(stored: list[dict], events: list[dict]) -> None:
     assert len(stored) == len(events)
-    for got, want in zip(stored, events):
+    for got, want in zip(stored, events, strict=True):
         assert got["name"] == want["eventName"]
         assert got["time"] == ms(want["timestamp"]), want["timestamp"]
         assert got["session_id"] == ""

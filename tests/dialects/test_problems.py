@@ -68,7 +68,7 @@ ZONES = frozenset({"Europe/Paris", "UTC"})
 
 class Block(Checked, kw_only=True, forbid_unknown_fields=True):
     zone: str | None = None
-    tags: list[str] = []
+    tags: list[str] = msgspec.field(default_factory=list)
 
     def valid(self) -> bool:
         return self.zone is None or self.zone in ZONES
@@ -152,7 +152,7 @@ def test_nested_not_an_object_names_the_nested_path() -> None:
 
 
 def test_nul_in_keys_is_named_as_sent() -> None:
-    parsed, problems = check({"name": "n", "a": "x", "block": {"zo\x00ne": "UTC"}}, Item)
+    _parsed, problems = check({"name": "n", "a": "x", "block": {"zo\x00ne": "UTC"}}, Item)
     assert problems == ["block/zo\x00ne: unknown field"]
 
 

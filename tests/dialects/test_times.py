@@ -12,7 +12,7 @@ FEB_16 = 1771237800000  # 2026-02-16T10:30:00Z
 
 
 def test_max_time_is_the_last_millisecond_of_year_9999() -> None:
-    assert MAX_TIME_MS == datetime_ms(dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC))
+    assert datetime_ms(dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC)) == MAX_TIME_MS
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ same gateway recovers by itself; SDK retries land exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -79,10 +80,8 @@ class OwnPostgres:
 
     def cleanup(self) -> None:
         if self.running():
-            try:
+            with contextlib.suppress(subprocess.CalledProcessError):
                 self.stop()
-            except subprocess.CalledProcessError:
-                pass
         shutil.rmtree(self.root, ignore_errors=True)
 
     def dsn(self, database: str = "postgres") -> str:

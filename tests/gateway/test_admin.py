@@ -69,7 +69,8 @@ async def test_events_pages_in_storage_order(backend) -> None:
 async def test_events_filters_and_person_matching(backend) -> None:
     async with gateway(settings_for(backend)) as client:
         await _track(client, [("view", "anon"), ("buy", "user"), ("view", "other")])
-        assert (await client.post("/alias", headers=TOKEN, json={"alias": "anon", "distinct_id": "user"})).status_code == 200
+        aliased = await client.post("/alias", headers=TOKEN, json={"alias": "anon", "distinct_id": "user"})
+        assert aliased.status_code == 200
         person = (await client.get("/admin/v1/projects/shop/events?distinct_id=anon", headers=ADMIN)).json()
         # The whole person, each event keeping the id it was sent with.
         assert [(e["name"], e["distinct_id"]) for e in person["events"]] == [("view", "anon"), ("buy", "user")]

@@ -290,7 +290,7 @@ def test_a_password_given_as_a_url_parameter_is_masked_too() -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.toml"
-    with pytest.raises(ConfigError, match="nope.toml"):
+    with pytest.raises(ConfigError, match=r"nope\.toml"):
         load(missing, environ={})
 
 
@@ -304,7 +304,7 @@ def test_invalid_toml(tmp_path: Path) -> None:
 def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'[storage]\nurl = "caf\xe9"\n')
-    with pytest.raises(ConfigError, match="latin1.toml"):
+    with pytest.raises(ConfigError, match=r"latin1\.toml"):
         load(path, environ={})
 
 

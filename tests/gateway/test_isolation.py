@@ -498,7 +498,7 @@ async def send_every_kind_of_credential(client: httpx.AsyncClient) -> None:
 
 
 def secrets() -> list[str]:
-    return INGESTION_CREDENTIALS + [ADMIN_KEY, *INVALID.values()]
+    return [*INGESTION_CREDENTIALS, ADMIN_KEY, *INVALID.values()]
 
 
 def leaks(text: str) -> list[str]:

@@ -157,7 +157,7 @@ def test_each_worker_listens_on_its_own_socket_and_takes_connections(tmp_path: P
 
 
 def test_a_worker_that_dies_stops_the_gateway(tmp_path: Path) -> None:
-    process, base = _start(tmp_path, 2)
+    process, _base = _start(tmp_path, 2)
     try:
         first, second = _children(process.pid)
         os.kill(first, signal.SIGKILL)

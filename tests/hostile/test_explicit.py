@@ -396,7 +396,7 @@ async def test_slow_client_does_not_block_others(postgres_backend: dict[str, str
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
         try:
-            time.sleep(1.5)
+            await anyio.sleep(1.5)
             # Several slow clients' worth of waiting: others are served at once.
             async with httpx.AsyncClient(base_url=url, timeout=3) as other:
                 for i in range(5):

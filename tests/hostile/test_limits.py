@@ -255,8 +255,8 @@ async def test_error_bodies_stay_under_64_kb(backend: dict[str, str], path: str)
     keys = {("\x01" * 300) + str(i): 1 for i in range(200)}
     body: Any = {
         "/v1/ingest": {"events": [{"eventName": 1, "properties": keys}] * 10},
-        "/api/client/identify": {"external_id": "p1", **{k: 1 for k in keys}},
-        "/engage": {"distinct_id": "p1", "$add": {k: "x" for k in keys}},
+        "/api/client/identify": {"external_id": "p1", **dict.fromkeys(keys, 1)},
+        "/engage": {"distinct_id": "p1", "$add": dict.fromkeys(keys, "x")},
     }[path]
     async with gateway(settings(backend)) as client:
         reply = await post(client, path, json.dumps(body).encode())

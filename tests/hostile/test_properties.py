@@ -67,7 +67,9 @@ def f(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.one_of(good, good, good, json_values)
 
 
-ids = st.one_of(st.sampled_from(["u1", "u2", "anon-1", "ext-1", "a b", "\x00id"]), st.text(alphabet=chars, min_size=1, max_size=10))
+ids = st.one_of(
+    st.sampled_from(["u1", "u2", "anon-1", "ext-1", "a b", "\x00id"]), st.text(alphabet=chars, min_size=1, max_size=10)
+)
 names = st.one_of(st.sampled_from(["Signup", "page_view", ""]), texts)
 props = st.dictionaries(texts, json_values, max_size=4)
 
@@ -142,7 +144,8 @@ collect_event = obj(
         "event": names,
         "user": obj({}, {"id": st.one_of(ids, st.integers()), "consistent_anonymous_id": ids, "email": texts}),
         "context": obj({}, {"event_id": st.one_of(ids, st.integers(), st.floats()),
-                            "event_timestamp": st.one_of(st.integers(-(2**70), 2**70), st.text(alphabet="0123456789-", max_size=25)),
+                            "event_timestamp": st.one_of(st.integers(-(2**70), 2**70),
+                                                         st.text(alphabet="0123456789-", max_size=25)),
                             "created": stamps, "page": obj({}, {"url": texts, "location": texts}),
                             "device": obj({}, {"ip": texts})}),
         "properties": obj({}, {"user": obj({}, {"id": ids}), "created": stamps, "price": json_values}),

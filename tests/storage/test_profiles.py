@@ -81,7 +81,7 @@ def _reference(props: dict, update: ProfileUpdate) -> dict:
             continue
         for item in items:
             if not any(same(item, h) for h in held):
-                held = held + [item]
+                held = [*held, item]
         props[key] = held
     for key, value in update.remove.items():
         if type(props.get(key)) is list:
