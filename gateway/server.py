@@ -99,7 +99,13 @@ async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, l
         # Idle connections close at once; busy ones once their answer is out.
         await context.terminated.set()
         if connections:
-            await asyncio.wait(set(connections), timeout=config.graceful_timeout)
+            _, late = await asyncio.wait(set(connections), timeout=config.graceful_timeout)
+            # Past the graceful timeout, requests are cancelled before the
+            # lifespan shuts down what they use (as hypercorn's serve does).
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         await lifespan.wait_for_shutdown()
         lifespan_task.cancel()
         try:

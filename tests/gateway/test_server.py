@@ -328,3 +328,12 @@ def test_an_answer_that_takes_longer_than_read_timeout_is_still_sent() -> None:
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer
 
+
+def test_requests_still_running_after_the_graceful_timeout_are_cancelled_before_the_lifespan_ends() -> None:
+    app = _SlowApp(delay=0)
+    with _serving(app, read_timeout=30, graceful_timeout=1) as url:
+        sock = _connect(url)
+        sock.sendall(b"GET /forever HTTP/1.1\r\nHost: t\r\n\r\n")
+        time.sleep(0.3)
+    sock.close()
+    assert app.seen == ["/forever cancelled", "lifespan shutdown"]
