@@ -325,8 +325,12 @@ def test_an_answer_that_takes_longer_than_read_timeout_is_still_sent() -> None:
         sock = _connect(url)
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
         answer = _answer(sock, 6)
+        # No more reads once one timed out: closed after the answer, not
+        # kept for keep_alive_timeout.
+        closed = _closed_within(sock, 3)
         sock.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert closed is not None, "the connection was kept open after its answer"
 
 
 def test_requests_still_running_after_the_graceful_timeout_are_cancelled_before_the_lifespan_ends() -> None:
