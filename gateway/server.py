@@ -100,7 +100,13 @@ async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, l
         # Idle connections close at once; busy ones once their answer is out.
         await context.terminated.set()
         if connections:
-            await asyncio.wait(set(connections), timeout=config.graceful_timeout)
+            _, late = await asyncio.wait(set(connections), timeout=config.graceful_timeout)
+            # Past the graceful timeout, requests are cancelled before the
+            # lifespan shuts down what they use (as hypercorn's serve does).
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
         await lifespan.wait_for_shutdown()
         lifespan_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -191,6 +197,7 @@ class Connection:
         # is being received, or one is being answered).
         self.deadline: float | None = self.loop.time() + limits.read_timeout
         self.busy = False
+        self.reading = True
 
     async def run(self) -> None:
         sock = self.writer.get_extra_info("socket")
@@ -230,9 +237,14 @@ class Connection:
             except _RefusedH2:
                 await self.write(_GOAWAY_HTTP_1_1_REQUIRED)
                 break
+        self.reading = False
         await self.protocol.handle(Closed())
-        # Closed now, not when the idle timer would have run out.
-        await self.close()
+        if not self.busy:
+            # Closed now, not when the idle timer would have run out. A
+            # request being answered (the client half-closed, or waits
+            # longer than read_timeout) gets its answer first: the
+            # connection closes once it is out (`on_event`).
+            await self.close()
 
     async def on_event(self, event: Event) -> None:
         if isinstance(event, RawData):
@@ -242,6 +254,9 @@ class Connection:
         elif isinstance(event, Updated):
             if event.idle:
                 self.busy = False
+                if not self.reading:
+                    await self.close()
+                    return
                 await self.idle_task.restart(self.task_group, self.idle_timeout)
             else:
                 # A request's headers are complete; its body has the app's
