@@ -215,7 +215,8 @@ def test_malformed_and_oversized_requests_get_an_error_answer_and_the_server_liv
     with own_server(_settings(sqlite_backend)) as urls:
         for request, status in [(b"GARBAGE\r\n\r\n", b"400"),
                                 (b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n", b"400"),
-                                (b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n", b"431")]:
+                                (b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+                                 b"431")]:
             sock = _connect(urls["public"])
             sock.sendall(request)
             answer = _answer(sock, 5)
