@@ -179,7 +179,11 @@ class GroupCommit:
             if not retried and _retry(fault, exc):
                 # Nothing of the group was committed (a connection found dead,
                 # a server restarting, a transaction rolled back to break a
-                # deadlock): once more, on a fresh connection.
+                # deadlock): once more, on a fresh connection. Not certain
+                # when the connection broke while the commit was in flight
+                # (an insert of events outside a block, or COMMIT): then an
+                # event without an insert id or a profile operation may be
+                # applied twice (tests/storage/test_commit_uncertain.py).
                 log.warning("database %s (%s); once more", fault.value, short(exc))
                 await self._flush(group, lane, retried=True)
                 return

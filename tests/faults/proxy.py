@@ -22,6 +22,10 @@ class TcpProxy:
         self._server: asyncio.AbstractServer | None = None
         self._links: set[asyncio.Transport] = set()
         self.accepted = 0
+        # mute_after: once a client sends bytes containing this, the
+        # server's replies on that connection are dropped (the statement
+        # runs, its answer never arrives: a connection lost in flight).
+        self.mute_after: bytes | None = None
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -36,6 +40,15 @@ class TcpProxy:
 
     def cut(self) -> None:
         self._call(self._cut())
+
+    def reset(self) -> None:
+        """Reset every connection through it (both sides); new ones are taken."""
+        self._call(self._reset())
+
+    async def _reset(self) -> None:
+        for transport in list(self._links):
+            transport.abort()
+        self._links.clear()
 
     def restore(self) -> None:
         self._call(self._listen())
@@ -64,17 +77,24 @@ class TcpProxy:
             return
         pair = (client_w.transport, server_w.transport)
         self._links.update(pair)  # type: ignore[arg-type]
+        muted: list[bool] = [False]
         try:
-            await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))
+            await asyncio.gather(self._pipe(client_r, server_w, self, muted, watch=True),
+                                 self._pipe(server_r, client_w, self, muted))
         finally:
             for transport in pair:
                 self._links.discard(transport)  # type: ignore[arg-type]
                 transport.abort()
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proxy: TcpProxy,
+                    muted: list[bool], *, watch: bool = False) -> None:
         try:
             while data := await reader.read(65536):
+                if watch and proxy.mute_after is not None and proxy.mute_after in data:
+                    muted[0] = True
+                elif not watch and muted[0]:
+                    continue
                 writer.write(data)
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
