@@ -98,6 +98,24 @@ class Device(msgspec.Struct, frozen=True, kw_only=True):
     app_version: str | None = None
 
 
+class GroupUpdate(msgspec.Struct, frozen=True, kw_only=True):
+    """An update of a group profile, keyed by (group_key, group_id) within
+    the project (Mixpanel's `$group_key`, `$group_id`); stored apart from
+    person profiles. The verbs apply as ProfileUpdate's do."""
+
+    project: str
+    source: str
+    group_key: str
+    group_id: str
+    time: int
+    set_once: dict[str, Any] = {}
+    set: dict[str, Any] = {}
+    union: dict[str, list[Any]] = {}
+    remove: dict[str, Any] = {}
+    unset: list[str] = []
+    delete: bool = False
+
+
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     """Something the caller was not told about, kept in the quarantine."""
 
@@ -109,7 +127,7 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     received_at: int = 0
 
 
-Record = Event | ProfileUpdate | Alias | Device
+Record = Event | ProfileUpdate | Alias | Device | GroupUpdate
 
 AliasOutcome = Literal["linked", "exists", "self", "conflict", "cycle"]
 
@@ -119,4 +137,5 @@ _ID_FIELDS: dict[type, tuple[str, ...]] = {
     ProfileUpdate: ("distinct_id",),
     Alias: ("alias", "distinct_id"),
     Device: ("distinct_id", "device_id"),
+    GroupUpdate: ("group_key", "group_id"),
 }
