@@ -212,6 +212,11 @@ def test_carried_tokens() -> None:
         "mp_shop", "x"}
     assert set(dialect.carried(incoming("engage", browser_form({"$token": "mp_blog"})))) == {"mp_blog"}
     assert list(dialect.carried(incoming("track", b"garbage"))) == []
+    # JSON bodies (Cohorly's too, on a shared path): read for the tokens alone.
+    body = msgspec.json.encode([python_event(), {"$token": "mp_blog"}, {"event": "x", "properties": {"a": [1]}}])
+    assert set(dialect.carried(incoming("track", body))) == {"mp_shop", "mp_blog"}
+    odd = msgspec.json.encode([python_event(), 7, {"properties": "no"}])
+    assert set(dialect.carried(incoming("track", odd))) == {"mp_shop"}
 
 
 def basic(user: str, password: str = "") -> dict[str, str]:
