@@ -264,3 +264,10 @@ async def test_disabled(backend) -> None:
         assert (await client.get("/track", params={"data": b64(ev())})).status_code == 405
         assert (await client.post("/import", json=[ev()])).status_code == 404
         assert isinstance(client, httpx.AsyncClient)
+    # Cohorly off: the shared paths are Mixpanel's alone (a Cohorly token is unknown there).
+    async with gateway(settings_for(backend, dialects={"cohorly": {"enabled": False}})) as client:
+        reply = await client.post("/track", headers={"X-Cohorly-Token": "tok_shop"},
+                                  json={"event": "E", "properties": {"distinct_id": "u1"}})
+        assert (reply.status_code, reply.text) == (401, "0")
+        reply = await client.post("/track", json=ev())
+        assert (reply.status_code, reply.text) == (200, "1")
