@@ -15,6 +15,8 @@ Otherwise, in the order of the registry:
   under its own precheck and body limit. Known to two: invalid input,
   answered by the first candidate. Known to none (no credential, or only
   unknown ones): the first candidate answers, as on a path of its own.
+  (So the first is asked only when another candidate claims the request:
+  its own traffic is not decoded twice.)
 Config load refuses a credential in the lists of two dialects that share
 a path (`gateway.config`), so only a request mixing two credentials is
 ambiguous. A path with one dialect never gets here: it costs nothing.
