@@ -271,3 +271,29 @@ async def test_disabled(backend) -> None:
         assert (reply.status_code, reply.text) == (401, "0")
         reply = await client.post("/track", json=ev())
         assert (reply.status_code, reply.text) == (200, "1")
+
+
+MALFORMED = [
+    b"", b"data=", b"data=%", b"data=e30", b"data=W10=", b"data=" + quote(b64([1, "x", None])).encode(),
+    b"data=" + quote("[" * 70 + "]" * 70).encode(), b"data=" + quote(b64({"event": "x", "properties": [1]})).encode(),
+    b"\xff\xfe", b"[" * 2000, b'{"event": 1}', b"verbose=1&ip=0&data=%7B%22a%22", b"&&&==&",
+    b"data=" + quote(json.dumps({"event": "x", "properties": {"token": "mp_shop", "time": 1e400}})).encode(),
+    b"data=" + quote(json.dumps({"$token": "mp_shop", "$distinct_id": "u", "$union": {"a": 1}})).encode(),
+]
+
+
+async def test_malformed_input_is_answered_never_a_500(backend) -> None:
+    async with gateway(settings_for(backend)) as client:
+        for path in ("/track", "/engage", "/groups", "/alias", "/import"):
+            for body in MALFORMED:
+                for params in ({"verbose": "1"}, {"verbose": "0"}):
+                    reply = await client.post(path, params=params, content=body, headers=FORM)
+                    assert 400 <= reply.status_code < 500, (path, body[:40], reply.status_code, reply.text)
+                    if path in ("/groups", "/import"):  # Mixpanel's alone
+                        assert reply.text == "0" or reply.json()["status"] in (0, "Bad Request", "Unauthorized")
+                    else:  # shared: what claims no dialect is answered by Cohorly, in its shape
+                        assert reply.text == "0" or reply.json()["status"] == 0, reply.text
+            for data in ("", "!!", b64("[" * 100 + "]" * 100), b64("x")):
+                reply = await client.get(path, params={"data": data, "verbose": "1", "strict": "1"})
+                assert 400 <= reply.status_code < 500, (path, data[:40], reply.text)
+        assert await events_of(client) == []
