@@ -31,6 +31,8 @@ PROJECTS = [
         "client_keys": ["pk_shop", "sk_shop"],
         "inslytic_keys": ["ins_shop"],
         "collect_sources": [{"site": 1234, "token": "src_shop"}],
+        "mixpanel_tokens": ["mp_shop"],
+        "mixpanel_secrets": ["mps_shop"],
     },
     {
         "name": "blog",
@@ -38,6 +40,8 @@ PROJECTS = [
         "client_keys": ["pk_blog"],
         "inslytic_keys": ["ins_blog"],
         "collect_sources": [{"site": 99, "token": "src_blog"}],
+        "mixpanel_tokens": ["mp_blog"],
+        "mixpanel_secrets": ["mps_blog"],
     },
 ]
 
@@ -112,6 +116,17 @@ async def profile_of(client: httpx.AsyncClient, id_: str, project: str = "shop")
 async def props_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -> dict[str, Any] | None:
     found = await profile_of(client, id_, project)
     return None if found is None else found["properties"]
+
+
+async def group_of(client: httpx.AsyncClient, group_key: str, group_id: str,
+                   project: str = "shop") -> dict[str, Any] | None:
+    """The group profile, or None when the admin API says 404."""
+    reply = await client.get(f"/admin/v1/projects/{project}/groups/{group_key}/{group_id}", headers=ADMIN)
+    if reply.status_code == 404:
+        assert reply.json() == {"error": "no such group"}, reply.text
+        return None
+    assert reply.status_code == 200, reply.text
+    return reply.json()  # type: ignore[no-any-return]
 
 
 async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict[str, Any]]:
