@@ -49,7 +49,8 @@ async function main() {
     context.on('requestfailed', (r) => settle(r, -1));
     const page = await context.newPage();
     page.on('pageerror', (e) => process.stderr.write(`page error: ${e}\n`));
-    const lines = require('readline').createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+    const stdin = require('readline').createInterface({ input: process.stdin });
+    const lines = stdin[Symbol.asyncIterator]();
     for (const visit of plan.visits) {
       const first = requests.length;
       await page.goto(visit.url);
@@ -62,20 +63,22 @@ async function main() {
       } else {
         await waitFor(async () => inflight === 0 && Date.now() - last > QUIET_MS && await page.evaluate(
           () => Object.keys(localStorage).filter((k) => /^__mpq_.*_(ev|pp|gr)$/.test(k))
-            .every((k) => JSON.parse(localStorage.getItem(k) || '[]').length === 0)), 'empty queues');
+            .every((k) => JSON.parse(localStorage.getItem(k) || '[]').length === 0)), 'empty queues',
+        () => page.evaluate(() => ({ ...localStorage })));
       }
       process.stdout.write(JSON.stringify({ result, requests: requests.slice(first) }) + '\n');
       if (visit.pause) await lines.next();
     }
+    stdin.close();
   } finally {
     await browser.close();
   }
 }
 
-async function waitFor(condition, what) {
+async function waitFor(condition, what, detail = async () => null) {
   const deadline = Date.now() + DEADLINE_MS;
   while (!(await condition())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(await detail())}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
 }
