@@ -64,7 +64,7 @@ def collect_event(i: int) -> str:
 # cheaply, so every unique id in the JSON is a fixed-width placeholder
 # starting on a 3-byte boundary: its base64 is then a run of its own, which
 # the Lua script replaces with the base64 of the request's id (same width).
-MP_ID = "@" * 36  # nonce (padded to 23) "-" thread (1) "-" counter (10 digits): 36 bytes
+MP_ID = "@" * 33  # nonce (padded to 20) "-" thread (1) "-" counter (10 digits): 33 bytes
 MP_ID_B64 = base64.b64encode(MP_ID.encode()).decode()
 
 
@@ -74,7 +74,7 @@ def mixpanel_browser_event(i: int) -> dict[str, object]:
         "$browser_version": 131, "$screen_height": 1080, "$screen_width": 1920,
         "mp_lib": "web", "$lib_version": "2.83.0", "time": 1751600000.123 + i,
         "distinct_id": MP_ID, "$device_id": "18f3c2a1-9b7e-4c1d-8e5f-2a6b7c8d9e0f",
-        "$insert_id": MP_ID, "token": "mp_bench", "mp_sent_by_lib_version": "2.83.0",
+        "$insert_id": f"{MP_ID}-{i}", "token": "mp_bench", "mp_sent_by_lib_version": "2.83.0",
         "item": i, "page": "home",
     }}
 
@@ -83,10 +83,10 @@ def mixpanel_browser_batch(n: int) -> str:
     """`data=<base64 JSON array of n events>` as mixpanel-browser sends it,
     each `MP_ID` placeholder aligned by JSON whitespace before its string."""
     text = "[" + ",".join(json.dumps(mixpanel_browser_event(i), separators=(",", ":")) for i in range(n)) + "]"
-    parts = text.split(f'"{MP_ID}"')
+    parts = text.split(f'"{MP_ID}')
     out = parts[0]
     for part in parts[1:]:
-        out += " " * ((3 - (len(out.encode()) + 1) % 3) % 3) + f'"{MP_ID}"' + part
+        out += " " * ((3 - (len(out.encode()) + 1) % 3) % 3) + f'"{MP_ID}' + part
     encoded = base64.b64encode(out.encode()).decode()
     assert encoded.count(MP_ID_B64) == 2 * n
     return "data=" + encoded.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
@@ -204,7 +204,7 @@ request = function()
   counter = counter + 1
   local body
   if ids == "base64" then
-    local padded = nonce .. string.rep("x", 23 - #nonce)
+    local padded = nonce .. string.rep("x", 20 - #nonce)
     body = template:gsub(placeholder, b64(string.format("%%s-%%d-%%010d", padded, tid, counter)))
   else
     body = template:gsub("@ID@", nonce .. "-" .. tid .. "-" .. counter)
