@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -58,6 +59,39 @@ def collect_event(i: int) -> str:
             f'"context":{{"event_id":"@ID@-{i}","event_timestamp":1751600000000,"page":{{"url":"https://x"}}}}}}')
 
 
+# The browser SDK's wire format: a form field `data` holding the URL-encoded
+# standard base64 of a JSON array. wrk cannot base64 a body per request
+# cheaply, so every unique id in the JSON is a fixed-width placeholder
+# starting on a 3-byte boundary: its base64 is then a run of its own, which
+# the Lua script replaces with the base64 of the request's id (same width).
+MP_ID = "@" * 33  # nonce (padded to 20) "-" thread (1) "-" counter (10 digits): 33 bytes
+MP_ID_B64 = base64.b64encode(MP_ID.encode()).decode()
+
+
+def mixpanel_browser_event(i: int) -> dict[str, object]:
+    return {"event": "Viewed Item", "properties": {
+        "$os": "Linux", "$browser": "Chrome", "$current_url": "https://shop.example/p/1",
+        "$browser_version": 131, "$screen_height": 1080, "$screen_width": 1920,
+        "mp_lib": "web", "$lib_version": "2.83.0", "time": 1751600000.123 + i,
+        "distinct_id": MP_ID, "$device_id": "18f3c2a1-9b7e-4c1d-8e5f-2a6b7c8d9e0f",
+        "$insert_id": f"{MP_ID}-{i}", "token": "mp_bench", "mp_sent_by_lib_version": "2.83.0",
+        "item": i, "page": "home",
+    }}
+
+
+def mixpanel_browser_batch(n: int) -> str:
+    """`data=<base64 JSON array of n events>` as mixpanel-browser sends it,
+    each `MP_ID` placeholder aligned by JSON whitespace before its string."""
+    text = "[" + ",".join(json.dumps(mixpanel_browser_event(i), separators=(",", ":")) for i in range(n)) + "]"
+    parts = text.split(f'"{MP_ID}')
+    out = parts[0]
+    for part in parts[1:]:
+        out += " " * ((3 - (len(out.encode()) + 1) % 3) % 3) + f'"{MP_ID}' + part
+    encoded = base64.b64encode(out.encode()).decode()
+    assert encoded.count(MP_ID_B64) == 2 * n
+    return "data=" + encoded.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D")
+
+
 @dataclass
 class Scenario:
     name: str
@@ -72,6 +106,8 @@ class Scenario:
     # What its ratio is taken against: another scenario's name, or
     # "storage:postgres" / "storage:sqlite" (the storage ceilings).
     ref: str = ""
+    # "base64": the body holds MP_ID placeholders in base64 (mixpanel_browser_batch)
+    ids: str = "plain"
 
 
 def scenarios() -> list[Scenario]:
@@ -97,6 +133,9 @@ def scenarios() -> list[Scenario]:
         Scenario("collect-batch100", "pg", "/events/batch?tc_s=4242&token=src_bench",
                  '{"batch":[' + ",".join(collect_event(i) for i in range(100)) + "]}", 100,
                  {"Content-Type": "text/plain;charset=UTF-8"}, 16, "collect", ref="cohorly-batch50"),
+        Scenario("mixpanel-browser-batch50", "pg", f"/track/?verbose=1&ip=1&_={1751600000000}",
+                 mixpanel_browser_batch(50), 50, {"Content-Type": "application/x-www-form-urlencoded"}, 16,
+                 "mixpanel", ref="cohorly-batch50", ids="base64"),
         Scenario("reject-bad-token", "pg", "/track", cohorly_event(0), 0,
                  {"X-Cohorly-Token": "not-a-token", "Content-Type": "application/json"}, 64, expect_2xx=False,
                  ref="http-ceiling-single"),
@@ -113,6 +152,7 @@ TARGETS = {
     "inslytic-batch1000": ("inslytic-batch1000 / cohorly-batch50 events/s", 0.8),
     "client-events50": ("client-events50 / cohorly-batch50 events/s", 0.8),
     "collect-batch100": ("collect-batch100 / cohorly-batch50 events/s", 0.8),
+    "mixpanel-browser-batch50": ("mixpanel browser batch-50 (form, base64) / cohorly-batch50 events/s", 0.8),
 }
 
 
@@ -132,6 +172,23 @@ local path = [==[%(path)s]==]
 local headers = %(headers)s
 local nonce = "%(nonce)s"
 local pace = %(pace)s
+local ids = "%(ids)s"
+local placeholder = "%(placeholder)s"
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+local ESCAPE = {["+"] = "%%2B", ["/"] = "%%2F", ["="] = "%%3D"}
+-- Standard base64 of a string whose length is a multiple of 3, URL-encoded.
+local function b64(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = a * 65536 + b * 256 + c
+    for shift = 18, 0, -6 do
+      local k = math.floor(n / 2 ^ shift) %% 64 + 1
+      out[#out + 1] = B64:sub(k, k)
+    end
+  end
+  return (table.concat(out):gsub("[+/=]", ESCAPE))
+end
 counter = 0
 ok = 0
 non2xx = 0
@@ -145,8 +202,13 @@ function init(args)
 end
 request = function()
   counter = counter + 1
-  local id = nonce .. "-" .. tid .. "-" .. counter
-  local body = template:gsub("@ID@", id)
+  local body
+  if ids == "base64" then
+    local padded = nonce .. string.rep("x", 20 - #nonce)
+    body = template:gsub(placeholder, b64(string.format("%%s-%%d-%%010d", padded, tid, counter)))
+  else
+    body = template:gsub("@ID@", nonce .. "-" .. tid .. "-" .. counter)
+  end
   return wrk.format("POST", path, headers, body)
 end
 response = function(status, hdrs, body)
@@ -176,6 +238,7 @@ def wrk(url: str, scenario: Scenario, seconds: float, nonce: str, pace_ms: int =
         connections: int | None = None) -> dict:
     headers = "{" + ",".join(f'["{k}"]="{v}"' for k, v in scenario.headers.items()) + "}"
     script = LUA % {"body": scenario.body, "path": scenario.path, "headers": headers,
+                    "ids": scenario.ids, "placeholder": MP_ID_B64,
                     "nonce": nonce, "pace": pace_ms}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
@@ -269,6 +332,7 @@ keys = ["adm_bench"]
 [[projects]]
 name = "bench"
 cohorly_tokens = ["tok_bench"]
+mixpanel_tokens = ["mp_bench"]
 client_keys = ["pk_bench"]
 inslytic_keys = ["ins_bench"]
 collect_sources = [{{ site = 4242, token = "src_bench" }}]

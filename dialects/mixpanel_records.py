@@ -100,7 +100,8 @@ def identity(name: str, props: dict[str, Any], project: str, source: str, strict
         return [Alias(project=project, source=source, alias=alias, distinct_id=distinct_id, strict=strict)]
     if name == IDENTIFY:
         identified = an_id(props.get("$identified_id", props.get("distinct_id")), "properties.$identified_id")
-        anon = an_id(props.get("$anon_id"), "properties.$anon_id", required=False)
+        # mixpanel-browser names the anonymous id `$anon_distinct_id` (2.83.0, identify())
+        anon = an_id(props.get("$anon_id", props.get("$anon_distinct_id")), "properties.$anon_id", required=False)
         assert identified is not None
         if anon is None or anon == identified:
             return []
