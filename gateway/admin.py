@@ -53,6 +53,9 @@ class Admin:
             Route("/admin/v1/projects/{project}/events", self._guard(self.events), methods=["GET"]),
             # `path`: a profile id may contain "/".
             Route("/admin/v1/projects/{project}/profiles/{id:path}", self._guard(self.profile), methods=["GET"]),
+            # A group id may contain "/"; the group key is one segment.
+            Route("/admin/v1/projects/{project}/groups/{group_key}/{group_id:path}", self._guard(self.group),
+                  methods=["GET"]),
             Route("/admin/v1/rejections", self._guard(self.rejections), methods=["GET"]),
             self.health_route(),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -123,6 +126,19 @@ class Admin:
         found = await queries.profile(self._state.engine, project, id_)
         if found is None:
             return JSONResponse({"error": "no such profile"}, status_code=404)
+        return JSONResponse(found)
+
+    async def group(self, request: Request) -> Response:
+        project = request.path_params["project"]
+        if (refused := self._check(request, project)) is not None:
+            return refused
+        group_key, group_id = request.path_params["group_key"], request.path_params["group_id"]
+        for name, value in (("group key", group_key), ("group id", group_id)):
+            if len(value.encode("utf-8", "replace")) > MAX_FILTER_BYTES:
+                raise BadQuery(f"{name} longer than {MAX_FILTER_BYTES} bytes")
+        found = await queries.group(self._state.engine, project, group_key, group_id)
+        if found is None:
+            return JSONResponse({"error": "no such group"}, status_code=404)
         return JSONResponse(found)
 
     async def rejections(self, request: Request) -> Response:

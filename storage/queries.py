@@ -107,6 +107,22 @@ async def profile(engine: AsyncEngine, project: str, id_: str) -> dict[str, Any]
     }
 
 
+async def group(engine: AsyncEngine, project: str, group_key: str, group_id: str) -> dict[str, Any] | None:
+    """A group profile, or None when there is none (or it was deleted)."""
+    g = tables.groups
+    # As the writer stores them.
+    key, id_ = group_key.replace("\x00", "\ufffd"), group_id.replace("\x00", "\ufffd")
+    async with engine.connect() as conn:
+        props = (
+            await conn.execute(
+                select(g.c.properties).where(g.c.project == project, g.c.group_key == key, g.c.group_id == id_)
+            )
+        ).scalar()
+    if props is None:
+        return None
+    return {"group_key": key, "group_id": id_, "properties": props}
+
+
 async def rejections(
     engine: AsyncEngine,
     *,

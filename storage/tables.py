@@ -76,6 +76,20 @@ profiles = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
+# Group profiles (Mixpanel's `/groups`), keyed by (group_key, group_id)
+# within the project, apart from person profiles: no alias resolves to a
+# group. A deleted group has no row.
+groups = Table(
+    "groups",
+    metadata,
+    Column("project", String(200), primary_key=True),
+    Column("group_key", Text, primary_key=True),
+    Column("group_id", Text, primary_key=True),
+    Column("properties", Json, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
 devices = Table(
     "devices",
     metadata,

@@ -12,9 +12,10 @@ from sqlalchemy import Text, any_, bindparam, delete, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.model import Alias, AliasOutcome, Device, Event, ProfileUpdate, Rejection
+from gateway.model import Alias, AliasOutcome, Device, Event, GroupUpdate, ProfileUpdate, Rejection
 from storage import tables
 from storage.engine import Backend, json_text
+from storage.group_profiles import GroupProfiles
 from storage.groups import Pending, chunks, clean, is_noop, plan_events, settle_events
 from storage.profiles import Profile
 from storage.sink import Written
@@ -78,6 +79,8 @@ class Transaction:
         self._dirty: set[tuple[str, str]] = set()
         # (project, device id) -> the row to upsert at the end of the transaction.
         self._devices: dict[tuple[str, str], dict[str, Any]] = {}
+        # Group profiles, only when the group has GroupUpdate records.
+        self.groups: GroupProfiles | None = None
 
     async def write(self, group: list[Pending], admit: Callable[[Rejection], bool]) -> list[Written]:
         """The whole group in this transaction: its events (through the
@@ -115,8 +118,14 @@ class Transaction:
                         written.aliases.append(await self.alias(record))  # type: ignore[arg-type]
                     elif kind is Device:
                         self.device(record)  # type: ignore[arg-type]
+                    elif kind is GroupUpdate:
+                        assert self.groups is not None  # made by prefetch
+                        await self.groups.apply(record)  # type: ignore[arg-type]
+                        written.applied += 1
             await self.save_profiles()
             await self.save_devices()
+            if self.groups is not None:
+                await self.groups.save()
         rejections += [r for r in self.rejections if admit(r)]
         if rejections:
             await self.rejections_insert(rejections)
@@ -138,7 +147,7 @@ class Transaction:
         statement on the driver would run and commit on its own)."""
         return self.driver is not None and self.driver.is_in_transaction()
 
-    def _among(self, column: Any, values: Sequence[str]) -> Any:
+    def among(self, column: Any, values: Sequence[str]) -> Any:
         """`column IN values`. PostgreSQL gets one array parameter instead,
         so the statement text, hence its prepared statement, is the same
         whatever the count."""
@@ -152,6 +161,7 @@ class Transaction:
         profiles of the persons they resolve to (per project and chunk of
         ids), instead of a round trip per id and per person."""
         named: dict[str, set[str]] = {}
+        groups: dict[str, set[tuple[str, str]]] = {}
         for pending in group:
             for record in pending.records:
                 if isinstance(record, ProfileUpdate):
@@ -159,6 +169,10 @@ class Transaction:
                 elif isinstance(record, Alias):
                     ids = [record.alias, record.distinct_id]
                 else:
+                    if isinstance(record, GroupUpdate):
+                        groups.setdefault(record.project, set()).add(
+                            (clean(record.group_key), clean(record.group_id))
+                        )
                     continue
                 named.setdefault(record.project, set()).update(clean(i) for i in ids)
         for project, ids_ in sorted(named.items()):
@@ -173,13 +187,16 @@ class Transaction:
                     self._profiles[(project, person)] = profiles.get(person)  # None: no profile
                     if person in profiles:
                         self._loaded.add((project, person))
+        if groups:
+            self.groups = GroupProfiles(self)
+            await self.groups.prefetch(groups)
 
     async def _links_of(self, project: str, ids: Sequence[str]) -> dict[str, str]:
         if self.straight():
             return dict(await self.driver.fetch(PG_LINKS, project, ids))
         a = tables.aliases
         rows = await self.conn.execute(
-            select(a.c.alias, a.c.person).where(a.c.project == project, self._among(a.c.alias, ids))
+            select(a.c.alias, a.c.person).where(a.c.project == project, self.among(a.c.alias, ids))
         )
         return dict(rows.all())
 
@@ -190,7 +207,7 @@ class Transaction:
         p = tables.profiles
         result = await self.conn.execute(
             select(p.c.distinct_id, p.c.properties).where(
-                p.c.project == project, self._among(p.c.distinct_id, persons)
+                p.c.project == project, self.among(p.c.distinct_id, persons)
             )
         )
         return dict(result.all())
@@ -251,7 +268,7 @@ class Transaction:
                     received_at=update_.time,
                 )
             )
-        await self._breathe()
+        await self.breathe()
         for problem in problems:
             self.rejections.append(
                 Rejection(
@@ -263,7 +280,7 @@ class Transaction:
                 )
             )
 
-    async def _breathe(self) -> None:
+    async def breathe(self) -> None:
         """Let the event loop serve other requests every few milliseconds of
         profile work: a request of many operations on large lists takes
         time linear in them, but never holds the loop for all of it."""
@@ -347,7 +364,7 @@ class Transaction:
     async def save_devices(self) -> None:
         rows = [self._devices[k] for k in sorted(self._devices)]
         if rows:
-            await self._upsert(tables.devices, rows, ("project", "device_id"))
+            await self.upsert(tables.devices, rows, ("project", "device_id"))
 
     async def save_profiles(self) -> None:
         """One upsert for the profiles created or changed (a new row gets
@@ -371,15 +388,15 @@ class Transaction:
         for project, persons in deletes.items():
             for chunk in chunks(persons):
                 await self.conn.execute(
-                    delete(p).where(p.c.project == project, self._among(p.c.distinct_id, chunk))
+                    delete(p).where(p.c.project == project, self.among(p.c.distinct_id, chunk))
                 )
         if upserts and self.straight():
             for rows in chunks(upserts):
                 await self.driver.execute(PG_PROFILES_UPSERT, json_text(rows))
         elif upserts:
-            await self._upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
+            await self.upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
 
-    async def _upsert(
+    async def upsert(
         self, table: Any, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()
     ) -> None:
         """Multi-row INSERT ... ON CONFLICT (key) DO UPDATE of every column

@@ -114,6 +114,17 @@ async def props_of(client: httpx.AsyncClient, id_: str, project: str = "shop") -
     return None if found is None else found["properties"]
 
 
+async def group_of(client: httpx.AsyncClient, group_key: str, group_id: str,
+                   project: str = "shop") -> dict[str, Any] | None:
+    """The group profile, or None when the admin API says 404."""
+    reply = await client.get(f"/admin/v1/projects/{project}/groups/{group_key}/{group_id}", headers=ADMIN)
+    if reply.status_code == 404:
+        assert reply.json() == {"error": "no such group"}, reply.text
+        return None
+    assert reply.status_code == 200, reply.text
+    return reply.json()  # type: ignore[no-any-return]
+
+
 async def rejections_of(client: httpx.AsyncClient, **params: str) -> list[dict[str, Any]]:
     """The quarantine, through the admin API."""
     reply = await client.get("/admin/v1/rejections", headers=ADMIN, params=params)

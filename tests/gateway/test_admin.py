@@ -9,7 +9,10 @@ import httpx
 import pytest
 
 from gateway.app import build_app
-from tests.support import ADMIN, ADMIN_KEY, free_port, gateway, lifespan, settings_for
+from gateway.model import GroupUpdate
+from storage.engine import create_engine
+from storage.migrate import upgrade
+from tests.support import ADMIN, ADMIN_KEY, database_sink, free_port, gateway, group_of, lifespan, settings_for
 
 pytestmark = pytest.mark.anyio
 TOKEN = {"X-Cohorly-Token": "tok_shop"}
@@ -28,7 +31,7 @@ async def _track(client, events: list[tuple[str, str]]) -> None:
 async def test_admin_needs_an_admin_key(sqlite_backend, headers) -> None:
     async with gateway(settings_for(sqlite_backend)) as client:
         for path in ("/admin/v1/projects/shop/events", "/admin/v1/projects/shop/profiles/u",
-                     "/admin/v1/rejections"):
+                     "/admin/v1/projects/shop/groups/company/acme", "/admin/v1/rejections"):
             reply = await client.get(path, headers=headers)
             assert reply.status_code == 401, path
             assert reply.json() == {"error": "unauthorized"}
@@ -44,6 +47,8 @@ async def test_unknown_project_is_404(sqlite_backend) -> None:
     async with gateway(settings_for(sqlite_backend)) as client:
         assert (await client.get("/admin/v1/projects/nope/events", headers=ADMIN)).status_code == 404
         assert (await client.get("/admin/v1/projects/nope/profiles/u", headers=ADMIN)).status_code == 404
+        unknown = await client.get("/admin/v1/projects/nope/groups/company/acme", headers=ADMIN)
+        assert unknown.status_code == 404 and unknown.json() == {"error": "unknown project"}
         assert (await client.get("/admin/v1/rejections?project=nope", headers=ADMIN)).status_code == 404
 
 
@@ -148,13 +153,61 @@ async def test_profile_ids_containing_a_slash_are_readable(backend) -> None:
             assert found.json()["properties"]["who"] == path.replace("%2F", "/")
 
 
+async def _groups(backend: dict[str, str], *updates: GroupUpdate) -> None:
+    """Write group updates through a sink of the gateway's database (the
+    Mixpanel dialect's records, without the dialect)."""
+    engine = create_engine(backend["storage_url"])
+    await upgrade(engine)
+    sink = database_sink(engine)
+    sink.start()
+    try:
+        written = await sink.submit(list(updates))
+        assert written.applied == len(updates)
+    finally:
+        await sink.close()
+        await engine.dispose()
+
+
+def _group(key: str, id_: str, project: str = "shop", **verbs: object) -> GroupUpdate:
+    return GroupUpdate(project=project, source="mixpanel", group_key=key, group_id=id_, time=1,
+                       **verbs)  # type: ignore[arg-type]
+
+
+async def test_a_group_profile_is_read_by_key_and_id_404_when_none_or_deleted(backend) -> None:
+    await _groups(backend, _group("company", "acme", set={"name": "Acme"}, union={"tags": ["b2b"]}),
+                  _group("company", "team/eu 1", set={"who": "slash"}), _group("team", "acme", set={"n": 2}),
+                  _group("company", "acme", project="blog", set={"blog": True}))
+    async with gateway(settings_for(backend)) as client:
+        assert await group_of(client, "company", "acme") == {
+            "group_key": "company", "group_id": "acme", "properties": {"name": "Acme", "tags": ["b2b"]},
+        }
+        assert (await group_of(client, "team", "acme") or {}).get("properties") == {"n": 2}
+        assert (await group_of(client, "company", "acme", project="blog") or {}).get("properties") == {"blog": True}
+        # A group id may contain "/" (sent as is or encoded); the key is one segment.
+        for path in ("team/eu 1", "team%2Feu%201"):
+            found = await client.get(f"/admin/v1/projects/shop/groups/company/{path}", headers=ADMIN)
+            assert found.status_code == 200 and found.json()["group_id"] == "team/eu 1", (path, found.text)
+        # None of that name; a group is no person and a person no group.
+        assert await group_of(client, "company", "nobody") is None
+        assert await group_of(client, "nope", "acme") is None
+        assert (await client.get("/admin/v1/projects/shop/profiles/acme", headers=ADMIN)).status_code == 404
+        # Ids past 1,024 bytes are a malformed query.
+        for path in (f"company/{'x' * 1025}", f"{'k' * 1025}/acme"):
+            long = await client.get(f"/admin/v1/projects/shop/groups/{path}", headers=ADMIN)
+            assert long.status_code == 400 and "longer than 1024 bytes" in long.json()["error"]
+    await _groups(backend, _group("company", "acme", delete=True))
+    async with gateway(settings_for(backend)) as client:
+        assert await group_of(client, "company", "acme") is None
+        assert await group_of(client, "team", "acme") is not None
+
+
 async def test_database_unavailable_is_a_json_503_with_retry_after(postgres_backend) -> None:
     dead = f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/nothing"
     settings = settings_for(dict(postgres_backend, storage_url=dead),
                             storage={"migrate_on_start": False, "unavailable_retry_after": 9})
     async with gateway(settings) as client:
         for path in ("/admin/v1/projects/shop/events", "/admin/v1/projects/shop/profiles/u",
-                     "/admin/v1/rejections"):
+                     "/admin/v1/projects/shop/groups/company/acme", "/admin/v1/rejections"):
             reply = await client.get(path, headers=ADMIN)
             assert reply.status_code == 503, (path, reply.text)
             assert reply.headers["retry-after"] == "9"
