@@ -14,7 +14,7 @@ from tests.support import ADMIN, PROJECTS, live_server, settings_for
 
 TOKEN = "mp_shop"
 SECRET = "mps_shop"  # a project secret: HTTP Basic user name, empty password
-SERVICE_USER = "svc-shop.import"  # a service account: user:secret with ?project_id=
+SERVICE_USER = "svc-shop.import"  # a service account: Basic user:secret with ?project_id=
 SERVICE_SECRET = "svcsecret_shop"
 
 # The seed projects, with Mixpanel's credentials added (the Cohorly tokens
@@ -23,7 +23,7 @@ MIXPANEL_PROJECTS = [
     {
         **PROJECTS[0],
         "mixpanel_tokens": [TOKEN],
-        "mixpanel_secrets": [SECRET, f"{SERVICE_USER}:{SERVICE_SECRET}"],
+        "mixpanel_secrets": [SECRET, SERVICE_SECRET],
     },
     {**PROJECTS[1], "mixpanel_tokens": ["mp_blog"], "mixpanel_secrets": ["mps_blog"]},
 ]

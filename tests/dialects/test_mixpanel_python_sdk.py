@@ -246,11 +246,14 @@ def test_merge_through_buffered_consumer_with_a_service_account(server) -> None:
     credentials = ServiceAccountCredentials(SERVICE_USER, SERVICE_SECRET, "shop")
     consumer = BufferedConsumer(**urls(url), retry_limit=0, credentials=credentials)
     mp = Mixpanel(TOKEN, consumer=consumer)
+    mp.people_set("user-7", {"name": "Cy"})
     mp.merge(None, "device-7", "user-7")
     mp.import_data(None, "device-7", "Installed", 1_700_000_000)
-    consumer.flush()
-    person = admin.profile("user-7")
-    assert person is not None and sorted(person["ids"]) == ["device-7", "user-7"]
+    consumer.flush()  # /engage, then /import: the $merge and the event in one array
+    for id_ in ("device-7", "user-7"):
+        person = admin.profile(id_)
+        assert person is not None and sorted(person["ids"]) == ["device-7", "user-7"]
+        assert person["properties"] == {"name": "Cy"}
     assert [e["name"] for e in admin.events(distinct_id="user-7")] == ["Installed"]
 
 
