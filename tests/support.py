@@ -31,6 +31,8 @@ PROJECTS = [
         "client_keys": ["pk_shop", "sk_shop"],
         "inslytic_keys": ["ins_shop"],
         "collect_sources": [{"site": 1234, "token": "src_shop"}],
+        "mixpanel_tokens": ["mp_shop"],
+        "mixpanel_secrets": ["mps_shop"],
     },
     {
         "name": "blog",
@@ -38,6 +40,8 @@ PROJECTS = [
         "client_keys": ["pk_blog"],
         "inslytic_keys": ["ins_blog"],
         "collect_sources": [{"site": 99, "token": "src_blog"}],
+        "mixpanel_tokens": ["mp_blog"],
+        "mixpanel_secrets": ["mps_blog"],
     },
 ]
 
