@@ -46,7 +46,7 @@ from dialects.base import (
     retry_after_headers,
 )
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
-from dialects.mixpanel_wire import NoData, Wire, decode, flag, is_json_body, tokens_in, verbose
+from dialects.mixpanel_wire import NoData, Wire, decode, flag, is_json_body, json_tokens, tokens_in, verbose
 from gateway.model import Record, Rejection
 
 MB = 1024 * 1024
@@ -120,6 +120,10 @@ class Mixpanel(Dialect):
         return None
 
     def carried(self, request: Incoming) -> Iterable[Hashable]:
+        if request.method == "POST" and is_json_body(request.body):
+            found = json_tokens(request.body)
+            if found is not None:
+                return found
         try:
             wire = decode(request)
         except (NoData, NotJson, TooDeep, RecursionError, UnicodeDecodeError):

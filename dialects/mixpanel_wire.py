@@ -143,6 +143,39 @@ def verbose(request: Incoming) -> bool:
     return value is not None and value not in _OFF
 
 
+class _Props(msgspec.Struct):
+    token: Any = None
+
+
+class _Tokens(msgspec.Struct):
+    """Where a record's token is; every other key is skipped unread."""
+
+    properties: _Props | None = None
+    token: Any = None
+    dollar_token: Any = msgspec.field(default=None, name="$token")
+
+
+_decode_tokens = msgspec.json.Decoder(list[_Tokens] | _Tokens).decode
+
+
+def json_tokens(body: bytes) -> Iterable[Hashable] | None:
+    """The tokens of a JSON body, read without building its records (on a
+    shared path, every Cohorly request is asked for them); None when the
+    body does not have the shape this reads (then `decode` decides)."""
+    try:
+        value: list[_Tokens] | _Tokens = _decode_tokens(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError):
+        return None
+    found: set[Hashable] = set()
+    for item in value if isinstance(value, list) else [value]:
+        props = item.properties
+        token = props.token if props is not None and props.token is not None else (
+            item.dollar_token if item.dollar_token is not None else item.token)
+        if type(token) is str:
+            found.add(token)
+    return found
+
+
 def tokens_in(value: Any) -> Iterable[Hashable]:
     """The tokens of decoded records where Mixpanel puts them:
     `properties.token` on events, `$token` on profile and group updates."""
