@@ -115,7 +115,11 @@ def identity(name: str, props: dict[str, Any], project: str, source: str, strict
         for other in ids[1:]:
             linked = an_id(other, "properties.$distinct_ids")
             if linked is not None and linked != first:
-                links.append(Alias(project=project, source=source, alias=linked, distinct_id=first, strict=strict))
+                # A merge joins the two persons whatever they already are
+                # (Alias.merge); a link of an id already linked elsewhere
+                # would be a conflict.
+                links.append(Alias(project=project, source=source, alias=linked, distinct_id=first, strict=strict,
+                                   merge=True))
         return links
     return None
 

@@ -83,6 +83,12 @@ class Alias(msgspec.Struct, frozen=True, kw_only=True):
     alias: str
     distinct_id: str
     strict: bool = False
+    # Merge the two persons whatever they already are (Mixpanel's `$merge`):
+    # the person of `alias` joins the person of `distinct_id`, so an alias
+    # already linked elsewhere is no conflict. Without it, `alias` must be
+    # unlinked (or a person's root), as Cohorly's `/alias` and Mixpanel's
+    # `$create_alias` and `$identify` have it.
+    merge: bool = False
 
 
 class Device(msgspec.Struct, frozen=True, kw_only=True):

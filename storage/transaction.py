@@ -294,6 +294,12 @@ class Transaction:
         assert a is not None and d is not None
         if a == d:
             return "self"
+        if record.merge:
+            # Link the root of `a`'s person instead: a root is never a
+            # conflict, and the whole tree follows it.
+            a = await self.resolve(project, a)
+            if a == await self.resolve(project, d):
+                return "exists"
         linked = await self._link(project, a)
         target = await self.resolve(project, d)
         if linked is not None:

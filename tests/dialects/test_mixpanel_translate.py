@@ -132,7 +132,7 @@ def test_identity_events_become_links() -> None:
     assert records == [
         Alias(project="shop", source="mixpanel", alias="new", distinct_id="old"),
         Alias(project="shop", source="mixpanel", alias="$device:d1", distinct_id="user"),
-        Alias(project="shop", source="mixpanel", alias="b", distinct_id="a"),
+        Alias(project="shop", source="mixpanel", alias="b", distinct_id="a", merge=True),
     ]
 
 

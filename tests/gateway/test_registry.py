@@ -29,7 +29,7 @@ def env_with(path: Path) -> dict[str, str]:
 
 
 def test_the_shipped_dialects_are_found_through_the_entry_points_in_order() -> None:
-    assert [d.name for d in discover()] == ["client", "cohorly", "collect", "inslytic"]
+    assert [d.name for d in discover()] == ["client", "cohorly", "collect", "inslytic", "mixpanel"]
 
 
 def test_an_installed_plugin_serves_stores_and_is_measured(tmp_path: Path) -> None:

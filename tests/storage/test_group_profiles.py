@@ -4,6 +4,7 @@ profiles and aliases."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from gateway.model import Alias, Event, GroupUpdate, ProfileUpdate
 from storage import queries, tables
 from storage.engine import create_engine
 from storage.migrate import alembic_config, upgrade
-from storage.sink import Sink
+from storage.sink import Sink, Unstorable
 from tests.support import database_sink
 
 pytestmark = pytest.mark.anyio
@@ -187,4 +188,26 @@ async def test_a_database_at_0002_is_upgraded_and_keeps_its_rows(tmp_path) -> No
         await conn.run_sync(lambda sync: command.downgrade(alembic_config(sync), "0002"))
         names = await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names())
     assert "groups" not in names and "profiles" in names
+    await engine.dispose()
+
+
+async def test_group_work_applies_in_submitted_order_and_a_refused_request_stores_none(backend) -> None:
+    engine = create_engine(backend["storage_url"])
+    await upgrade(engine)
+    sink = database_sink(engine, delay_ms=30, lanes=3)  # one group of requests, several lanes
+    sink.start()
+    try:
+        work = [sink.submit([_group(set={"last": n}, union={"seen": [n]})]) for n in range(10)]
+        work.append(sink.submit([_group(delete=True)]))
+        work.append(sink.submit([_group(set_once={"after": "delete"})]))
+        # Its group update is fine; its event passes the model but no BIGINT column can hold it.
+        bad = Event(project="shop", source="mixpanel", name="e", distinct_id="u", time=2**70, received_at=1)
+        work.append(sink.submit([_group("refused", set={"a": 1}), bad]))
+        results = await asyncio.gather(*work, return_exceptions=True)
+    finally:
+        await sink.close()
+    assert [r.applied for r in results[:12]] == [1] * 12  # type: ignore[union-attr]
+    assert isinstance(results[12], Unstorable)
+    assert await _props(engine) == {"after": "delete"}
+    assert await _props(engine, "refused") is None
     await engine.dispose()
