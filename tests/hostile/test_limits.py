@@ -370,7 +370,9 @@ async def test_a_rate_limited_request_is_never_inflated(backend: dict[str, str],
         for _ in range(20):
             reply = await post(client, path, BOMB, **{"Content-Encoding": "gzip"})
             assert reply.status_code == 429
-        assert (time.process_time() - started) / 20 < 0.005
+        # Inflating and parsing the bomb costs 15-20 ms; a refusal about 0.3 ms
+        # (bench/hostile.py). The bound leaves room for a loaded machine.
+        assert (time.process_time() - started) / 20 < 0.012
         assert await count_events(client) == 0
 
 
