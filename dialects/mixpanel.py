@@ -46,7 +46,7 @@ from dialects.base import (
     retry_after_headers,
 )
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
-from dialects.mixpanel_wire import NoData, Wire, decode, flag, is_json_body, json_tokens, tokens_in, verbose
+from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, verbose
 from gateway.model import Record, Rejection
 
 MB = 1024 * 1024
@@ -119,22 +119,24 @@ class Mixpanel(Dialect):
             return _UNAUTHORIZED_IMPORT
         return None
 
+    # A form's `data` as `carried` decoded it, for `translate` of the same
+    # request right after (on a shared path the pipeline calls one, then
+    # the other, with no await between): it is not decoded twice. Keyed by
+    # the body's identity, dropped once read.
+    _carried: tuple[bytes, bytes] | None = None
+
     def carried(self, request: Incoming) -> Iterable[Hashable]:
-        if request.method == "POST" and is_json_body(request.body):
-            found = json_tokens(request.body)
-            if found is not None:
-                return found
-        try:
-            wire = decode(request)
-        except (NoData, NotJson, TooDeep, RecursionError, UnicodeDecodeError):
-            return ()
-        return tokens_in(wire.value)
+        tokens, data = carried_tokens(request)
+        self._carried = (request.body, data) if data is not None else None
+        return tokens
 
     # -- translation -------------------------------------------------------
 
     def translate(self, request: Incoming) -> Batch | Failure:
+        carried, self._carried = self._carried, None
+        data = carried[1] if carried is not None and carried[0] is request.body else None
         try:
-            wire = decode(request)
+            wire = decode(request, data=data)
         except NoData:
             return Failure(kind="bad_request", message="data is missing", details=("data: missing",))
         except NotJson:

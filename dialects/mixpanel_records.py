@@ -127,7 +127,9 @@ def identity(name: str, props: dict[str, Any], project: str, source: str, strict
 
 def event(item: dict[str, Any], props: dict[str, Any], project: str, source: str, received_at: int,
           context: dict[str, Any]) -> Event:
-    """The canonical event of a record `properties_of` accepted."""
+    """The canonical event of a record `properties_of` accepted. `props`
+    (decoded for this request alone) loses the lifted keys in place: a copy
+    per event was a good part of a batch's translation."""
     distinct_id = an_id(props.get("distinct_id"), "properties.distinct_id", required=False)
     time = to_ms(props.get("time"), "properties.time", received_at)
     insert_id = props.get("$insert_id")
@@ -135,6 +137,8 @@ def event(item: dict[str, Any], props: dict[str, Any], project: str, source: str
         insert_id = None
     elif insert_id is not None and (type(insert_id) is not str or len(insert_id) > MAX_INSERT_ID):
         raise Invalid("properties.$insert_id", f"must be a string of 1 to {MAX_INSERT_ID} characters")
+    for key in LIFTED:
+        props.pop(key, None)
     return Event(
         project=project,
         source=source,
@@ -143,7 +147,7 @@ def event(item: dict[str, Any], props: dict[str, Any], project: str, source: str
         time=time,
         received_at=received_at,
         insert_id=insert_id,
-        properties={k: v for k, v in props.items() if k not in LIFTED},
+        properties=props,
         context=context,
     )
 

@@ -17,16 +17,15 @@ when it starts with `{` or `[`, else standard base64 of JSON.
 
 from __future__ import annotations
 
-import base64
 import binascii
 from collections.abc import Hashable, Iterable
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 import msgspec
 
 from dialects.base import Incoming
-from dialects.limits import NotJson, load_json
+from dialects.limits import NotJson, TooDeep, load_json
 
 _BLANK = b" \t\r\n"
 _OPENERS = (ord("{"), ord("["))
@@ -59,33 +58,47 @@ def query_params(request: Incoming) -> dict[str, str]:
     return dict(request.query)
 
 
-def form_fields(body: bytes) -> dict[str, str]:
-    """The fields of a form body (the `data` field kept raw, undecoded:
-    how to decode it depends on what it holds)."""
-    fields: dict[str, str] = {}
+def form_fields(body: bytes) -> dict[str, str | bytes]:
+    """The fields of a form body, the `data` field kept raw, as bytes (how
+    to decode it depends on what it holds)."""
+    fields: dict[str, str | bytes] = {}
     for part in body.split(b"&"):
         key, _, value = part.partition(b"=")
         name = unquote_plus(key.decode("latin-1"))
-        fields[name] = value.decode("latin-1") if name == "data" else unquote_plus(value.decode("utf-8", "replace"))
+        fields[name] = value if name == "data" else unquote_plus(value.decode("utf-8", "replace"))
     return fields
 
 
-def data_bytes(raw: str, url_encoded: bool = True) -> bytes:
-    """The JSON bytes a `data` value holds: plain JSON, or standard base64
-    (a space being a `+` a form decoder took for one). Raises NotJson."""
-    text = unquote_plus(raw) if url_encoded else raw
-    stripped = text.lstrip()
-    if stripped[:1] in ("{", "["):
-        return stripped.encode("utf-8", "surrogatepass")
+def data_bytes(raw: str | bytes, url_encoded: bool = True) -> bytes:
+    """The JSON bytes a `data` value holds: plain JSON, or standard base64.
+    Raw from a form (`url_encoded`): JSON is form-encoded (a `+` is a
+    space), base64 is URL-encoded by the browser, sent as it is by node (a
+    `+` is a `+`); from the query (decoded already) a space in base64 is a
+    `+`. Raises NotJson."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    data = data.strip(_BLANK)
+    if data[:1] in (b"{", b"[", b"%"):
+        # JSON (base64 never starts so: `{` and `[` encode as `e` and `W`).
+        if url_encoded:
+            data = unquote_to_bytes(data.replace(b"+", b" ")).strip(_BLANK)
+        if data[:1] in (b"{", b"["):
+            return data
+    elif url_encoded and data.find(b"%") >= 0:
+        data = unquote_to_bytes(data)
+    if b" " in data:
+        data = data.replace(b" ", b"+")
     try:
-        return base64.b64decode(stripped.replace(" ", "+").strip(), validate=True)
+        # Strict: only the alphabet, padding at the end (in C, unlike
+        # b64decode's validate, a regular expression).
+        return binascii.a2b_base64(data, strict_mode=True)
     except (binascii.Error, ValueError):
         raise NotJson from None
 
 
-def decode(request: Incoming, envelope: bool = True) -> Wire:
-    """The request's records and parameters. Raises NoData, NotJson,
-    TooDeep (dialects.limits)."""
+def decode(request: Incoming, envelope: bool = True, data: bytes | None = None) -> Wire:
+    """The request's records and parameters (`data`: the form's `data`
+    already decoded, by `carried_tokens`). Raises NoData, NotJson, TooDeep
+    (dialects.limits)."""
     params = query_params(request)
     body = request.body
     if request.method == "GET" or not body.strip(_BLANK):
@@ -104,12 +117,43 @@ def decode(request: Incoming, envelope: bool = True) -> Wire:
             value, shallow = _ndjson(body), False
         return Wire(value=value, shallow=shallow, params=params, legacy=False)
     fields = form_fields(body)
-    raw = fields.pop("data", None)
-    if raw is None:
+    field = fields.pop("data", None)
+    if field is None:
         raise NoData
-    params.update(fields)
-    value, shallow = load_json(data_bytes(raw))
+    params.update({k: v for k, v in fields.items() if isinstance(v, str)})
+    value, shallow = load_json(data if data is not None else data_bytes(field))
     return Wire(value=value, shallow=shallow, params=params, legacy=True)
+
+
+def carried_tokens(request: Incoming) -> tuple[Iterable[Hashable], bytes | None]:
+    """The tokens a request carries, read without building its records (on
+    a shared path, every request is asked), and a form's `data` decoded
+    (for `decode`); nothing when it is not one of Mixpanel's encodings."""
+    body = request.body
+    form_data = None
+    try:
+        if request.method == "POST" and is_json_body(body):
+            data = body
+        elif request.method == "POST" and body.strip(_BLANK):
+            raw = form_fields(body).get("data")
+            if raw is None:
+                return (), None
+            data = form_data = data_bytes(raw)
+        else:
+            query = dict(request.query).get("data")
+            if query is None:
+                return (), None
+            data = data_bytes(query, url_encoded=False)
+    except NotJson:
+        return (), None
+    found = json_tokens(data)
+    if found is not None:
+        return found, form_data
+    try:
+        value, _ = load_json(data, None)
+    except (NotJson, TooDeep):
+        return (), form_data
+    return tokens_in(value), form_data
 
 
 def _ndjson(body: bytes) -> list[Any]:

@@ -278,3 +278,25 @@ def test_answers() -> None:
     # The legacy encoding on /import is answered as /track (what python and node read).
     legacy = incoming("import", python_form(python_event()), headers=basic("mps_shop"))
     assert msgspec.json.decode(dialect.render(legacy, Outcome(inserted=1)).body) == {"status": 1, "error": None}
+
+
+def test_translate_after_carried_reads_the_same_request() -> None:
+    # On a shared path `carried` decodes a form's data first; `translate`
+    # of that request uses it, of another request never.
+    first = incoming("track", browser_form([python_event("First")]))
+    other = incoming("track", browser_form([python_event("Other")]))
+    assert set(dialect.carried(first)) == {"mp_shop"}
+    assert [e.name for e in translated(other).records] == ["Other"]  # type: ignore[union-attr]
+    assert set(dialect.carried(first)) == {"mp_shop"}
+    assert [e.name for e in translated(first).records] == ["First"]  # type: ignore[union-attr]
+    assert [e.name for e in translated(first).records] == ["First"]  # type: ignore[union-attr]
+
+
+def test_python_form_json_with_spaces_and_plus_signs() -> None:
+    value = [python_event("A b+c", note="x + y = z")]
+    [event] = translated(incoming("track", python_form(value))).records
+    assert isinstance(event, Event) and event.name == "A b+c" and event.properties["note"] == "x + y = z"
+    # In a form, an unescaped `+` is a space.
+    raw = ("data=" + json.dumps(value).replace(" ", "+")).encode()
+    [event] = translated(incoming("track", raw)).records
+    assert isinstance(event, Event) and event.name == "A b c" and event.properties["note"] == "x   y = z"
