@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, assert_never
+from typing import Any
 
 import msgspec
 from sqlalchemy import Text, any_, bindparam, delete, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.model import Alias, AliasOutcome, Device, Event, GroupUpdate, ProfileUpdate, Rejection
 from storage import tables
+from storage.devices import Devices
 from storage.engine import Backend, json_text
 from storage.group_profiles import GroupProfiles
 from storage.groups import Pending, chunks, clean, is_noop, plan_events, settle_events
@@ -26,20 +27,13 @@ from storage.sql import (
     PG_PROFILES_UPSERT,
     lock_key,
 )
+from storage.upsert import upsert
 
 InsertEvents = Callable[[list[Event]], Awaitable[set[tuple[str, str, str]] | None]]
 
 
 # Seconds of profile work between two chances for the event loop.
 _SLICE = 0.005
-
-
-def _insert(backend: Backend, table: Any) -> Any:
-    if backend is Backend.POSTGRESQL:
-        return postgresql.insert(table)
-    if backend is Backend.SQLITE:
-        return sqlite.insert(table)
-    assert_never(backend)
 
 
 class Transaction:
@@ -77,8 +71,7 @@ class Transaction:
         self._profiles: dict[tuple[str, str], dict[str, Any] | None] = {}
         self._loaded: set[tuple[str, str]] = set()  # rows that exist in the table
         self._dirty: set[tuple[str, str]] = set()
-        # (project, device id) -> the row to upsert at the end of the transaction.
-        self._devices: dict[tuple[str, str], dict[str, Any]] = {}
+        self.devices = Devices(now)
         # Group profiles, only when the group has GroupUpdate records.
         self.groups: GroupProfiles | None = None
 
@@ -117,13 +110,13 @@ class Transaction:
                     elif kind is Alias:
                         written.aliases.append(await self.alias(record))  # type: ignore[arg-type]
                     elif kind is Device:
-                        self.device(record)  # type: ignore[arg-type]
+                        self.devices.add(record)  # type: ignore[arg-type]
                     elif kind is GroupUpdate:
                         assert self.groups is not None  # made by prefetch
                         await self.groups.apply(record)  # type: ignore[arg-type]
                         written.applied += 1
             await self.save_profiles()
-            await self.save_devices()
+            await self.devices.save(self)
             if self.groups is not None:
                 await self.groups.save()
         rejections += [r for r in self.rejections if admit(r)]
@@ -346,32 +339,6 @@ class Transaction:
             self._put_profile(project, a, None)
         return outcome
 
-    def device(self, record: Device) -> None:
-        """Queue a registration; `save_devices` writes them all at the end."""
-        device_id = clean(record.device_id)
-        values: dict[str, Any] = {
-            "project": record.project,
-            "device_id": device_id,
-            "distinct_id": clean(record.distinct_id),
-            "source": record.source,
-            "push_token": clean(record.push_token),
-            "os": clean(record.os),
-            "os_version": clean(record.os_version),
-            "model": clean(record.model),
-            "app_build": clean(record.app_build),
-            "app_version": clean(record.app_version),
-            "updated_at": self.now,
-        }
-        # Keyed by device: the last registration in the group wins, as when
-        # each was its own upsert (and one PostgreSQL upsert statement may not
-        # update the same row twice).
-        self._devices[(record.project, device_id)] = values
-
-    async def save_devices(self) -> None:
-        rows = [self._devices[k] for k in sorted(self._devices)]
-        if rows:
-            await self.upsert(tables.devices, rows, ("project", "device_id"))
-
     async def save_profiles(self) -> None:
         """One upsert for the profiles created or changed (a new row gets
         created_at, an existing one keeps its own), one DELETE for those
@@ -405,16 +372,7 @@ class Transaction:
     async def upsert(
         self, table: Any, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()
     ) -> None:
-        """Multi-row INSERT ... ON CONFLICT (key) DO UPDATE of every column
-        but the key and `keep`. Each key must appear once in `rows`:
-        PostgreSQL refuses to update a row twice in one statement."""
-        for chunk in chunks(rows):
-            stmt = _insert(self.backend, table).values(list(chunk))
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(key),
-                set_={c: stmt.excluded[c] for c in chunk[0] if c not in key and c not in keep},
-            )
-            await self.conn.execute(stmt)
+        await upsert(self.conn, self.backend, table, rows, key, keep)
 
     async def rejections_insert(self, rows: list[Rejection]) -> None:
         await self.conn.execute(
