@@ -123,11 +123,14 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
 def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:
     """path -> one route per enabled dialect serving it, in registry order."""
     routes: dict[str, list[Ingest]] = {}
+    credentialed: set[str] = set()
     for dialect_class in settings.registry:
         config = settings.dialect_config(dialect_class.name)
         if not config.enabled:
             continue
         lookups = lookups_for(settings, dialect_class)
+        if any(lookups.values()):
+            credentialed.add(dialect_class.name)
         primary = dialect_class.credential_lists[0].field if dialect_class.credential_lists else None
         dialect = dialect_class(
             config,
@@ -137,6 +140,12 @@ def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:
         )
         for endpoint in dialect.endpoints():
             routes.setdefault(endpoint.path, []).append(Ingest(dialect, endpoint, services))
+    for path, members in routes.items():
+        if len(members) > 1:
+            # No credential can pick a dialect no project has a credential
+            # of: it leaves a shared path to the others, whose contract then
+            # holds there exactly as if it were alone (methods, answers).
+            routes[path] = [m for m in members if m.dialect.name in credentialed] or members[:1]
     return routes
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from gateway.app import build_app
-from tests.support import ADMIN, free_port, gateway, lifespan, settings_for
+from tests.support import ADMIN, PROJECTS, free_port, gateway, lifespan, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -65,6 +65,22 @@ async def test_a_method_a_route_does_not_take_is_405_with_allow(
         assert reply.headers["content-length"] == str(len(reply.content))
         # Every method it allows is routed to it (OPTIONS: the preflight).
         assert (await client.options(path)).status_code == 204
+
+
+async def test_a_shared_path_is_left_to_the_dialects_some_project_has_credentials_of(
+    sqlite_backend: dict[str, str]
+) -> None:
+    """A dialect no project has a credential of stays off the paths it
+    shares: there they keep the other dialect's contract exactly (a method
+    it does not serve is its 405), while the paths it serves alone stay."""
+    alone = [{k: v for k, v in p.items() if not k.startswith("mixpanel")} for p in PROJECTS]
+    async with gateway(settings_for(sqlite_backend, projects=alone)) as client:
+        reply = await client.get("/track", params={"data": "e30="})
+        assert reply.status_code == 405 and _allowed(reply) == {"POST", "OPTIONS"}
+        assert (await client.post("/track", json=EVENT, headers=COHORLY)).json() == {"status": 1, "inserted": 1}
+        assert (await client.post("/import", content=b"[]")).status_code in (400, 401)  # served, refused
+    async with gateway(settings_for(sqlite_backend)) as client:
+        assert (await client.get("/track", params={"data": "e30="})).status_code != 405
 
 
 async def test_each_app_has_its_own_resources(sqlite_backend: dict[str, str], tmp_path: Any) -> None:
