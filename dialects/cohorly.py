@@ -11,7 +11,6 @@ fault, which a generic decoder path does not say in the vendor's words.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, TypeGuard
 
@@ -29,8 +28,8 @@ from dialects.base import (
     SlidingWindow,
     json_reply,
     request_context,
-    retry_after_headers,
 )
+from dialects.cohorly_answers import error
 from dialects.limits import TOO_DEEP, NotJson, Shallow, TooDeep, deep_record, load_json
 from dialects.times import MAX_TIME_MS
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
@@ -339,7 +338,7 @@ class Cohorly(Dialect):
 
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         if isinstance(result, Failure):
-            return _error(result)
+            return error(result)
         if request.endpoint == "track":
             return json_reply(200, {"status": 1, "inserted": result.inserted})
         if request.endpoint == "engage":
@@ -355,43 +354,6 @@ class Cohorly(Dialect):
 def _too_deep(index: int | None) -> Failure:
     prefix = f"record {index}: " if index is not None else ""
     return Failure(kind="bad_request", message=prefix + TOO_DEEP)
-
-
-_STATUS = {
-    "bad_request": 400,
-    "invalid": 400,
-    "unauthorized": 401,
-    "too_large": 413,
-    "rate_limited": 429,
-    "unavailable": 503,
-    "unstorable": 400,
-    "internal": 500,
-}
-
-
-def _error(failure: Failure) -> Reply:
-    if failure.retry_after is None and len(failure.message) <= 200:
-        return _plain_error(failure.kind, failure.message)
-    return json_reply(_STATUS[failure.kind], {"status": 0, "error": _message(failure.kind, failure.message)},
-                      retry_after_headers(failure))
-
-
-@functools.lru_cache(maxsize=256)
-def _plain_error(kind: str, message: str) -> Reply:
-    """A short error without Retry-After: the same few again and again
-    (under a flood of bad requests, one), so each is encoded once. (A
-    message may quote a key of the payload: a long one is not kept.)"""
-    return json_reply(_STATUS[kind], {"status": 0, "error": _message(kind, message)})
-
-
-def _message(kind: str, message: str) -> str:
-    return {
-        "unauthorized": "invalid token",
-        "too_large": "request body too large",
-        "rate_limited": "rate limited",
-        "unavailable": "service unavailable, retry later",
-        "internal": "internal error",
-    }.get(kind, message)
 
 
 def _check_verb(verb: str, value: Any) -> Any:

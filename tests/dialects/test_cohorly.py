@@ -1194,7 +1194,7 @@ async def test_delete_false_alone_creates_no_profile(backend) -> None:
 async def test_an_error_quoting_a_long_key_is_answered_cut_and_not_kept(sqlite_backend) -> None:
     # Short error bodies are encoded once and kept; one quoting a key of the
     # payload can be as long as the body, and a flood of them must not pile up.
-    from dialects.cohorly import _plain_error
+    from dialects.cohorly_answers import plain_error as _plain_error
 
     key = "k" * 5000
     async with gateway(settings_for(sqlite_backend)) as client:
