@@ -7,24 +7,16 @@ import asyncio
 import msgspec
 import pytest
 
-from gateway.model import Alias, Device, Event, ProfileUpdate
+from gateway.model import Alias, Device, ProfileUpdate
 from gateway.pipeline import now_ms
 from storage import queries
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.sink import Unstorable
+from tests.storage.records import event as _event
 from tests.support import ADMIN, database_sink, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
-
-
-def _event(n: int, **overrides: object) -> Event:
-    fields: dict = dict(
-        project="shop", source="cohorly", name="e", distinct_id="u", time=1_700_000_000_000 + n,
-        received_at=now_ms(), insert_id=f"id-{n}", properties={"n": n},
-    )
-    fields.update(overrides)
-    return Event(**fields)
 
 
 async def _writer(backend: dict[str, str], delay_ms: float = 0.0, *, lanes: int = 1, clock=now_ms):

@@ -4,7 +4,6 @@ the person who registered it last, NUL is stored as U+FFFD."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,29 +11,12 @@ import sqlalchemy as sa
 
 from gateway.model import Device
 from storage import tables
-from storage.engine import create_engine
-from storage.migrate import upgrade
-from storage.sink import Sink
-from tests.support import database_sink
 
 pytestmark = pytest.mark.anyio
 
 
 def _device(person: str, os: str = "iOS", device_id: str = "d1") -> Device:
     return Device(project="shop", source="client", distinct_id=person, device_id=device_id, os=os, model="x")
-
-
-@pytest.fixture
-async def store(backend) -> AsyncIterator[tuple[Any, Sink]]:
-    engine = create_engine(backend["storage_url"])
-    await upgrade(engine)
-    sink = database_sink(engine)
-    sink.start()
-    try:
-        yield engine, sink
-    finally:
-        await sink.close()
-        await engine.dispose()
 
 
 async def _rows(engine: Any) -> list[tuple[str, str, str | None]]:

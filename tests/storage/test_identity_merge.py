@@ -5,32 +5,12 @@ two persons whatever they already are (`Alias.merge`)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 
 from gateway.model import Alias, Event, ProfileUpdate
 from storage import queries
-from storage.engine import create_engine
-from storage.migrate import upgrade
-from storage.sink import Sink
-from tests.support import database_sink
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def store(backend) -> AsyncIterator[tuple[Any, Sink]]:
-    engine = create_engine(backend["storage_url"])
-    await upgrade(engine)
-    sink = database_sink(engine)
-    sink.start()
-    try:
-        yield engine, sink
-    finally:
-        await sink.close()
-        await engine.dispose()
 
 
 def _link(alias: str, to: str, *, merge: bool = False, source: str = "mixpanel") -> Alias:

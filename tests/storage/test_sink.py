@@ -6,24 +6,15 @@ import asyncio
 
 import pytest
 
-from gateway.model import Alias, Event, ProfileUpdate, Rejection
-from gateway.pipeline import now_ms
+from gateway.model import Alias, ProfileUpdate, Rejection
 from storage import queries
 from storage.engine import create_engine
 from storage.migrate import upgrade
 from storage.sink import StorageUnavailable, Unstorable
+from tests.storage.records import event as _event
 from tests.support import database_sink, free_port
 
 pytestmark = pytest.mark.anyio
-
-
-def _event(n: int, **overrides: object) -> Event:
-    fields: dict = dict(
-        project="shop", source="cohorly", name="e", distinct_id="u", time=1_700_000_000_000 + n,
-        received_at=now_ms(), insert_id=f"id-{n}", properties={"n": n},
-    )
-    fields.update(overrides)
-    return Event(**fields)
 
 
 def _update(person: str, **ops: object) -> ProfileUpdate:
