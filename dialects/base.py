@@ -236,6 +236,20 @@ def bearer(request: Incoming) -> str | None:
     return key if scheme.lower() == "bearer" and key else None
 
 
+class BearerDialect(Dialect):
+    """A dialect whose credential is the key of `Authorization: Bearer`, in
+    its first credential list: the project a request names, and the
+    credential it carries (for a shared path), both from the header."""
+
+    def _project(self, request: Incoming) -> str | None:
+        key = bearer(request)
+        return None if key is None else self.credentials.get(key)
+
+    def carried(self, request: Incoming) -> Iterable[Hashable]:
+        key = bearer(request)
+        return () if key is None else (key,)
+
+
 def request_context(request: Incoming) -> dict[str, Any]:
     """What every event gets from its request: client IP and User-Agent."""
     context: dict[str, Any] = {"ip": request.client_ip}

@@ -14,7 +14,7 @@ value and an explicit null clears it.
 from __future__ import annotations
 
 import zoneinfo
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -22,14 +22,13 @@ from msgspec import UNSET, Meta, UnsetType
 
 from dialects.base import (
     Batch,
+    BearerDialect,
     CredentialList,
-    Dialect,
     Endpoint,
     Failure,
     Incoming,
     Outcome,
     Reply,
-    bearer,
     json_reply,
     request_context,
     retry_after_headers,
@@ -157,7 +156,7 @@ def _person(anonymous_id: str | None, external_id: str | None) -> str:
     return person
 
 
-class Client(Dialect):
+class Client(BearerDialect):
     name = "client"
     credential_lists = (CredentialList(field="client_keys"),)
     Config = ClientConfig
@@ -170,14 +169,6 @@ class Client(Dialect):
             Endpoint(path=f"/api/client/{name}", name=name, max_body=limit)
             for name in ("alias", "identify", "devices", "events")
         )
-
-    def _project(self, request: Incoming) -> str | None:
-        key = bearer(request)
-        return None if key is None else self.credentials.get(key)
-
-    def carried(self, request: Incoming) -> Iterable[Hashable]:
-        key = bearer(request)
-        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if self._project(request) is None:

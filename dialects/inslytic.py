@@ -10,7 +10,7 @@ cost nothing.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -18,8 +18,8 @@ from msgspec import Meta
 
 from dialects.base import (
     Batch,
+    BearerDialect,
     CredentialList,
-    Dialect,
     Endpoint,
     Failure,
     Incoming,
@@ -27,7 +27,6 @@ from dialects.base import (
     ProjectField,
     Reply,
     TokenBucket,
-    bearer,
     json_reply,
     retry_after_headers,
 )
@@ -60,7 +59,7 @@ class InslyticConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     max_body_bytes: int = 5 * MB
 
 
-class Inslytic(Dialect):
+class Inslytic(BearerDialect):
     name = "inslytic"
     credential_lists = (CredentialList(field="inslytic_keys"),)
     # Overrides [dialects.inslytic] events_per_minute for the project.
@@ -81,14 +80,6 @@ class Inslytic(Dialect):
         override = self.project_options.get(project, {}).get("inslytic_events_per_minute")
         capacity = override if override is not None else self.config.events_per_minute
         return TokenBucket(capacity=capacity, per_seconds=60)
-
-    def _project(self, request: Incoming) -> str | None:
-        key = bearer(request)
-        return None if key is None else self.credentials.get(key)
-
-    def carried(self, request: Incoming) -> Iterable[Hashable]:
-        key = bearer(request)
-        return () if key is None else (key,)
 
     def precheck(self, request: Incoming) -> Failure | None:
         if request.endpoint != "health" and self._project(request) is None:

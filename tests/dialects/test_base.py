@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from dialects.base import Failure, Incoming, bearer, json_reply, request_context, retry_after_headers
+from dialects.base import BearerDialect, Failure, Incoming, bearer, json_reply, request_context, retry_after_headers
 
 
 def incoming(headers: dict[str, str]) -> Incoming:
@@ -30,6 +30,15 @@ def test_bearer(header: str, key: str | None) -> None:
 
 def test_bearer_without_the_header() -> None:
     assert bearer(incoming({})) is None
+
+
+def test_a_bearer_dialect_names_the_project_and_carries_the_key_of_its_header() -> None:
+    dialect = BearerDialect(None, {"pk_shop": "shop"})
+    assert dialect._project(incoming({"authorization": "Bearer pk_shop"})) == "shop"
+    assert dialect._project(incoming({"authorization": "Bearer pk_other"})) is None
+    assert dialect._project(incoming({})) is None
+    assert list(dialect.carried(incoming({"authorization": "bearer pk_other"}))) == ["pk_other"]
+    assert list(dialect.carried(incoming({"authorization": "Basic abc"}))) == []
 
 
 def test_request_context_has_the_ip_and_a_user_agent_if_any() -> None:
