@@ -215,6 +215,12 @@ class Dialect:
     def translate(self, request: Incoming) -> Batch | Failure:
         raise NotImplementedError
 
+    def replay_request(self, project: str, endpoint: str, payload: str, received_at: int) -> Incoming | None:
+        """The request that re-runs a rejection's `payload` (see
+        dialects.replay) for `project` through `translate`; None when this
+        dialect keeps no payloads or the project has no credential now."""
+        return None
+
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         raise NotImplementedError
 

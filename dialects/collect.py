@@ -37,6 +37,7 @@ from dialects.base import (
     json_reply,
 )
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, deep_records, load_json
+from dialects.replay import credential_of, envelope, opened, request_for
 from dialects.times import MAX_TIME_MS, lenient_iso_ms
 from gateway.model import Alias, Event, Record, Rejection, long_id
 
@@ -236,8 +237,12 @@ class Collect(Dialect):
                 beyond[dropped.reason] = beyond.get(dropped.reason, 0) + 1
                 continue
             where = f"batch[{index}]: " if in_batch else ""
-            excerpt = _encode(item) if in_batch and dropped.reason != "too_deep" else raw
-            batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request))
+            alone = not in_batch or dropped.reason != "too_deep"
+            excerpt = _encode(item) if in_batch and alone else raw
+            # Replayed as one event; a batch's too-deep item is not (it
+            # cannot be cut out of its batch, and the rest is stored).
+            batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request,
+                                                 replay="event" if alone else None))
         # First, so that the quarantine's sampling keeps the count.
         batch.rejections[:0] = [
             self._reject(project, reason, f"{count} more events of this batch dropped for this reason", b"", request)
@@ -247,14 +252,26 @@ class Collect(Dialect):
 
     def _dropped(self, reason: str, detail: str, raw: bytes, request: Incoming) -> Batch:
         """The whole request quarantined, under its project when it has one."""
-        return Batch(rejections=[self._reject(self._project(request), reason, detail, raw, request)])
+        replay = request.endpoint if request.method == "POST" else None
+        return Batch(rejections=[self._reject(self._project(request), reason, detail, raw, request, replay=replay)])
 
-    def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming) -> Rejection:
+    def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming,
+                replay: str | None = None) -> Rejection:
+        """`replay`: the endpoint that re-runs `raw` (nothing of it stored)."""
         return Rejection(
             project=project, source=self.name, reason=reason, detail=detail,
             # The pipeline bounds the excerpt; credentials are never in a body.
             excerpt=raw[:64 * KB].decode("utf-8", "replace"), received_at=request.received_at,
+            payload=envelope(raw, request) if replay is not None and raw else None, endpoint=replay,
         )
+
+    def replay_request(self, project: str, endpoint: str, payload: str, received_at: int) -> Incoming | None:
+        kept, key = opened(payload), credential_of(self.credentials, project)
+        if kept is None or not isinstance(key, tuple):
+            return None
+        site, token = key
+        return request_for(kept, endpoint=endpoint, received_at=received_at, headers={},
+                           query=[("tc_s", str(site)), ("token", str(token))])
 
     def _event(self, item: Any, project: str, request: Incoming) -> list[Record]:
         if type(item) is not dict:

@@ -47,6 +47,7 @@ from dialects.base import (
 )
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
 from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, verbose
+from dialects.replay import credential_of, envelope, opened, request_for
 from gateway.model import Record, Rejection
 
 MB = 1024 * 1024
@@ -227,12 +228,22 @@ class Mixpanel(Dialect):
                     failed.append({"index": index, "$insert_id": insert_id, "field": exc.field,
                                    "message": exc.message})
                 else:
+                    record = msgspec.json.encode(item)
                     rejections.append(Rejection(
                         project=project, source=SOURCE, reason="invalid",
                         detail=f"record {index}: {exc.field} {exc.message}",
-                        excerpt=msgspec.json.encode(item).decode()[:2048], received_at=request.received_at,
+                        excerpt=record.decode()[:2048], received_at=request.received_at,
+                        payload=envelope(b"[" + record + b"]", request), endpoint="import",
                     ))
         return records, rejections, failed
+
+    def replay_request(self, project: str, endpoint: str, payload: str, received_at: int) -> Incoming | None:
+        kept, token = opened(payload), credential_of(self.credentials, project)
+        if kept is None or not isinstance(token, str) or endpoint != "import":
+            return None
+        basic = base64.b64encode(f"{token}:".encode()).decode()
+        return request_for(kept, endpoint=endpoint, received_at=received_at,
+                           headers={"authorization": f"Basic {basic}"}, query=[])
 
     def _import_project(self, request: Incoming, params: dict[str, str]) -> str | None:
         secrets = self.lookups.get("mixpanel_secrets", {})

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from gateway.erasure import erase_person
 from storage import queries
 from storage.faults import is_unavailable
 
@@ -56,6 +57,7 @@ class Admin:
             # A group id may contain "/"; the group key is one segment.
             Route("/admin/v1/projects/{project}/groups/{group_key}/{group_id:path}", self._guard(self.group),
                   methods=["GET"]),
+            Route("/admin/v1/projects/{project}/people/{id:path}", self._guard(self.erase), methods=["DELETE"]),
             Route("/admin/v1/rejections", self._guard(self.rejections), methods=["GET"]),
             self.health_route(),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -127,6 +129,18 @@ class Admin:
         if found is None:
             return JSONResponse({"error": "no such profile"}, status_code=404)
         return JSONResponse(found)
+
+    async def erase(self, request: Request) -> Response:
+        """Erase a person (gateway.erasure); the answer is the receipt."""
+        project = request.path_params["project"]
+        if (refused := self._check(request, project)) is not None:
+            return refused
+        id_ = request.path_params["id"]
+        if not id_ or len(id_.encode("utf-8", "replace")) > MAX_FILTER_BYTES:
+            raise BadQuery(f"person id must be 1 to {MAX_FILTER_BYTES} bytes")
+        state = self._state
+        receipt = await erase_person(state.engine, state.dedup, project, id_, shared=state.redis is not None)
+        return JSONResponse(receipt)
 
     async def group(self, request: Request) -> Response:
         project = request.path_params["project"]

@@ -11,6 +11,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from gateway import retention
 from gateway.admin import Admin, AdminLog
 from gateway.config import Settings, lookups_for, project_options
 from gateway.dedup import Dedup
@@ -32,6 +33,7 @@ log = logging.getLogger("dialgate")
 class State:
     engine: Any = None
     redis: RedisLink | None = None
+    dedup: Dedup | None = None
     metrics: Metrics
 
 
@@ -79,7 +81,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         lanes=settings.storage.writer_lanes,
         max_backlog_rows=settings.storage.max_backlog_rows,
         max_profile_bytes=settings.storage.max_profile_bytes,
-        keep_days=settings.quarantine.keep_days,
+        keep_days=retention.quarantine_days(settings),
     )
 
     @contextlib.asynccontextmanager
@@ -102,10 +104,16 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         services.sink = sink
         services.limiter = Limiter(link)
         services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
-        state.engine, state.redis = engine, link
+        state.engine, state.redis, state.dedup = engine, link, services.dedup
+        daily = retention.daily_at(settings)
+        pruning = retention.DailyPrune(engine, settings, daily) if daily is not None else None
+        if pruning is not None:
+            pruning.start()
         try:
             yield
         finally:
+            if pruning is not None:
+                await pruning.stop()
             await sink.close()
             await services.dedup.close()
             if link is not None:

@@ -57,7 +57,8 @@ EXAMPLE_ADMIN_KEY = "adm_change_me"
 STORAGE_SCHEMES = ("sqlite+aiosqlite", "postgresql+asyncpg")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # Numbers for which 0 means something (every other number must be above 0).
-ZERO_ALLOWED = frozenset({"storage.batch_delay_ms", "quarantine.keep_days"})
+ZERO_ALLOWED = frozenset({"storage.batch_delay_ms", "quarantine.keep_days", "retention.events_days",
+                          "retention.quarantine_days"})
 
 
 def _check_numbers(node: msgspec.Struct, path: str) -> None:

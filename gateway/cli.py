@@ -1,4 +1,4 @@
-"""`dialgate serve | migrate | check-config`.
+"""`dialgate serve | migrate | check-config | prune | erase | replay`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import sys
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file (as serve reads it) and exit")
     _config_option(check)
     check.add_argument("file", nargs="?", help="the file (same as --config)")
+    for name, about in MAINTENANCE.items():
+        command = sub.add_parser(name, help=about)
+        _config_option(command)
+        importlib.import_module(f"gateway.{MODULES[name]}").add_arguments(command)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from gateway.serve import die_with_parent, ignore_hangup
@@ -54,11 +59,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
+    if args.command in MAINTENANCE:
+        code: int = asyncio.run(importlib.import_module(f"gateway.{MODULES[args.command]}").command(settings, args))
+        return code
     if args.command == "migrate":
         asyncio.run(_migrate(settings))
         print("database is at head")
         return 0
     return _serve(settings, path, migrate=not args.no_migrate, parent=args.parent)
+
+
+# The commands of the data after the write: name -> help, and the module
+# (of gateway/) with their `add_arguments` and `command`.
+MAINTENANCE = {
+    "prune": "delete events and quarantine rows past [retention], in small batches",
+    "erase": "erase a person: every linked id, events, devices, profile; prints a receipt",
+    "replay": "re-run quarantined records through the current pipeline",
+}
+MODULES = {"prune": "retention", "erase": "erasure", "replay": "replay"}
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

@@ -124,8 +124,19 @@ class QuarantineConfig(_Base, frozen=True):
     # the first of each minute is always kept.
     per_minute: int = 10
     excerpt_bytes: int = 2048
-    # Rejection rows older than this are deleted (hourly, in small batches); 0 keeps them.
-    keep_days: int = 30
+    # Deprecated: `[retention] quarantine_days` (gateway.retention).
+    keep_days: int | None = None
+
+
+class RetentionConfig(_Base, frozen=True):
+    # Events whose time is older are deleted by `dialgate prune` (and the
+    # daily run); 0 keeps them forever.
+    events_days: int = 0
+    # Quarantine rows received longer ago are deleted (hourly by every
+    # worker, and by prune); 0 keeps them. Unset: 30 (gateway.retention).
+    quarantine_days: int | None = None
+    # A prune inside `serve` once a day: true (03:00 UTC) or "HH:MM" UTC.
+    daily: bool | str = False
 
 
 class SinkConfig(_Base, frozen=True):
@@ -154,6 +165,7 @@ class Settings(_Base, frozen=True):
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     quarantine: QuarantineConfig = msgspec.field(default_factory=QuarantineConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
     projects: list[ProjectConfig] = []
@@ -235,6 +247,9 @@ def from_dict(
     except msgspec.ValidationError as exc:
         raise ConfigError(_phrase(str(exc))) from None
     check(settings)
+    from gateway import retention  # it reads Settings: imported once they exist
+
+    retention.check(settings)
     return settings
 
 

@@ -118,6 +118,11 @@ class LocalDedup:
         if len(self._young) >= self._half:
             self._old, self._young = self._young, {}
 
+    def forget(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._young.pop(key, None)
+            self._old.pop(key, None)
+
 
 class Dedup:
     def __init__(self, link: RedisLink | None, ttl_seconds: int, max_local_entries: int) -> None:
@@ -167,6 +172,30 @@ class Dedup:
             self._local.remember(keys)
             return
         self._stores.submit_nowait(keys)
+
+    async def forget(self, keys: list[Key]) -> bool:
+        """Drop keys whose events were deleted (an erasure), so that a copy
+        sent again is stored, as the database would have it. In Redis from
+        every set a lookup asks; without Redis from this process's cache
+        only. False when Redis could not be told."""
+        if self._local is not None:
+            self._local.forget(keys)
+            return True
+        assert self._link is not None and self._store_channel is not None
+        if not keys:
+            return True
+        commands: list[tuple[Any, ...]] = []
+        for (project, source), ids in _by_stream(keys).items():
+            digests = members(project, source, ids)
+            commands += [("SREM", name, *digests) for name in self._sets(project, source)]
+        try:
+            for reply in await self._store_channel.execute(commands):
+                if isinstance(reply, Exception):
+                    raise reply
+        except Exception as exc:
+            self._link.failed("dedup forget", exc)
+            return False
+        return True
 
     async def close(self) -> None:
         """Send the remembers still waiting (before the link closes)."""

@@ -131,6 +131,10 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     detail: str
     excerpt: str = ""
     received_at: int = 0
+    # For replay: the whole record (or body) and the endpoint of its
+    # dialect that re-runs it; None when there is nothing to re-run.
+    payload: str | None = None
+    endpoint: str | None = None
 
 
 Record = Event | ProfileUpdate | Alias | Device | GroupUpdate

@@ -52,7 +52,7 @@ from gateway.http import (
     header_dict,
 )
 from gateway.metrics import Metrics
-from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, long_id
+from gateway.model import MAX_ID_BYTES, MAX_INSERT_ID, Event, Record, Rejection, long_id
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter, retry_after_seconds
 from storage.sink import Sink, StorageUnavailable, Unstorable
@@ -190,6 +190,16 @@ class Ingest:
                 if wait:
                     return _rate_limited(wait)
         return await self._store(translated)
+
+    async def rerun(self, request: Incoming, keyed: Callable[[list[Record]], list[Record]]
+                    ) -> tuple[Outcome | Failure, list[Rejection]]:
+        """Stages 3 to 6 for a quarantined record (gateway.replay): no rate
+        limit; `keyed` gives events their insert ids; what is rejected again
+        is returned, not quarantined again."""
+        translated = self._translate(request)
+        if isinstance(translated, Failure):
+            return translated, []
+        return await self._store(Batch(records=keyed(translated.records))), translated.rejections
 
     def _admissions(self, request: Incoming) -> list[asyncio.Future[int]]:
         services, endpoint = self.services, self.endpoint

@@ -117,7 +117,20 @@ rejections = Table(
     Column("detail", Text, nullable=False),
     Column("excerpt", Text, nullable=False),
     Column("received_at", BigInteger, nullable=False),
+    # What `dialgate replay` re-runs: the whole record (or body) and the
+    # dialect's endpoint name; NULL when there is nothing to re-run.
+    Column("payload", Text),
+    Column("endpoint", String(50)),
     Index(None, "project", "source", "reason"),
-    # Expiry deletes by age (quarantine.keep_days).
+    # Expiry deletes by age (retention.quarantine_days).
     Index(None, "received_at"),
+)
+
+# Once-a-day maintenance (the daily prune): the gateway that moves `day`
+# forward runs it, so one of many workers or hosts does.
+maintenance = Table(
+    "maintenance",
+    metadata,
+    Column("name", String(50), primary_key=True),
+    Column("day", BigInteger, nullable=False),
 )

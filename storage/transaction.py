@@ -385,6 +385,8 @@ class Transaction:
                     "detail": r.detail,
                     "excerpt": r.excerpt,
                     "received_at": r.received_at or self.now,
+                    "payload": r.payload,
+                    "endpoint": r.endpoint,
                 }
                 for r in rows
             ],

@@ -54,6 +54,7 @@ def test_example_config_values_are_the_defaults() -> None:
     assert example.storage == empty.storage
     assert example.redis == empty.redis
     assert example.quarantine == empty.quarantine
+    assert example.retention == empty.retention
     assert example.dialects == empty.dialects
 
 
