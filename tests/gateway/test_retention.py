@@ -33,7 +33,7 @@ def test_quarantine_days_come_from_retention_then_the_old_key_then_30(caplog) ->
     assert quarantine_days(both) == 12
     with pytest.raises(ConfigError, match="disagree"):
         from_dict({"quarantine": {"keep_days": 12}, "retention": {"quarantine_days": 7}}, {})
-    with pytest.raises(ConfigError, match="retention.events_days: must be 0 or more"):
+    with pytest.raises(ConfigError, match=r"retention\.events_days: must be 0 or more"):
         from_dict({"retention": {"events_days": -1}}, {})
 
 
@@ -44,7 +44,7 @@ def test_daily_is_off_true_or_a_utc_time(daily, minutes) -> None:
 
 @pytest.mark.parametrize("daily", ["24:00", "3:00", "03:60", "noon"])
 def test_a_bad_daily_time_is_a_config_error(daily) -> None:
-    with pytest.raises(ConfigError, match="retention.daily"):
+    with pytest.raises(ConfigError, match=r"retention\.daily"):
         from_dict({"retention": {"daily": daily}}, {})
 
 

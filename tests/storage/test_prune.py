@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,12 +108,15 @@ async def test_a_prune_of_50000_rows_never_holds_ingestion_for_a_second(backend,
     config = tmp_path / "dialgate.toml"
     config.write_text(_toml(backend))
     latencies: list[float] = []
-    with live_server(settings_for(backend, dialects={"cohorly": {"rate_limit": {"requests": 1_000_000, "per_seconds": 1}}})) as url:
+    unlimited = {"cohorly": {"rate_limit": {"requests": 1_000_000, "per_seconds": 1}}}
+    with live_server(settings_for(backend, dialects=unlimited)) as url:
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-            pruner = subprocess.Popen([str(DIALGATE), "prune", "--config", str(config)], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env={**os.environ, "DIALGATE_CONFIG": ""})
+            pruner = await asyncio.create_subprocess_exec(
+                str(DIALGATE), "prune", "--config", str(config), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env={**os.environ, "DIALGATE_CONFIG": ""})
+            finished = asyncio.ensure_future(pruner.communicate())
             n = 0
-            while pruner.poll() is None or n < 20:
+            while not finished.done() or n < 20:
                 started = time.perf_counter()
                 reply = await client.post("/track", headers={"X-Cohorly-Token": "tok_shop"},
                                           json=[{"event": "live", "properties": {"distinct_id": f"v{n}",
@@ -122,7 +124,7 @@ async def test_a_prune_of_50000_rows_never_holds_ingestion_for_a_second(backend,
                 latencies.append(time.perf_counter() - started)
                 assert reply.status_code == 200, reply.text
                 n += 1
-            out, err = pruner.communicate(timeout=60)
+            out, err = (part.decode() for part in await asyncio.wait_for(finished, 60))
     try:
         assert pruner.returncode == 0, err
         assert "events: 50000 deleted" in out
