@@ -150,3 +150,27 @@ async def test_no_keys_no_round_trip(link) -> None:
     await dedup.remember([])
     await dedup.close()
     assert await link.client.keys("t:*") == []
+
+
+# -- forgetting (an erasure) -------------------------------------------------------
+
+
+async def test_forgotten_ids_are_no_longer_seen_in_process() -> None:
+    dedup = Dedup(None, ttl_seconds=60, max_local_entries=6)
+    await dedup.remember(_keys(0, 3))  # the old generation now
+    await dedup.remember(_keys(3, 1))  # the young one
+    assert await dedup.forget([_keys(0, 1)[0], _keys(3, 1)[0]]) is True
+    assert await dedup.seen(_keys(0, 4)) == {_keys(1, 1)[0], _keys(2, 1)[0]}
+
+
+async def test_forgotten_ids_leave_every_set_a_lookup_asks_in_redis(link) -> None:
+    dedup = Dedup(link, ttl_seconds=80, max_local_entries=10)
+    await dedup.remember(_keys(0, 3))
+    await dedup.close()
+    # One more in an older period's set, still within the TTL.
+    sets = sorted(k.decode() for k in await link.client.keys("t:dd2:*"))
+    older = f"{sets[0].rsplit(':', 1)[0]}:{int(sets[0].rsplit(':', 1)[1]) - 3}"
+    await link.client.sadd(older, member("shop", "cohorly", "id-0"))
+    assert await dedup.forget(_keys(0, 2)) is True
+    assert await dedup.seen(_keys(0, 3)) == set(_keys(2, 1))
+    assert await link.client.scard(older) == 0
