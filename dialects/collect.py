@@ -145,6 +145,16 @@ def pixel_payload(query: Sequence[tuple[str, str]]) -> dict[str, Any]:
     return root
 
 
+def _replay(request: Incoming, in_batch: bool, reason: str, excerpt: bytes) -> tuple[str, bytes] | None:
+    """The endpoint and body that re-run one dropped event: a batch's item
+    as a batch of one (under the same per-event limits); none for a batch's
+    too-deep item, which cannot be cut out of its batch."""
+    if not in_batch:
+        # A pixel's too: its excerpt is the JSON its query decoded to.
+        return (request.endpoint, excerpt)
+    return None if reason == "too_deep" else ("batch", b'{"batch":[' + excerpt + b"]}")
+
+
 class Collect(Dialect):
     name = "collect"
     credential_lists = (
@@ -237,12 +247,9 @@ class Collect(Dialect):
                 beyond[dropped.reason] = beyond.get(dropped.reason, 0) + 1
                 continue
             where = f"batch[{index}]: " if in_batch else ""
-            alone = not in_batch or dropped.reason != "too_deep"
-            excerpt = _encode(item) if in_batch and alone else raw
-            # Replayed as one event; a batch's too-deep item is not (it
-            # cannot be cut out of its batch, and the rest is stored).
+            excerpt = _encode(item) if in_batch and dropped.reason != "too_deep" else raw
             batch.rejections.append(self._reject(project, dropped.reason, where + str(dropped), excerpt, request,
-                                                 replay="event" if alone else None))
+                                                 replay=_replay(request, in_batch, dropped.reason, excerpt)))
         # First, so that the quarantine's sampling keeps the count.
         batch.rejections[:0] = [
             self._reject(project, reason, f"{count} more events of this batch dropped for this reason", b"", request)
@@ -252,17 +259,18 @@ class Collect(Dialect):
 
     def _dropped(self, reason: str, detail: str, raw: bytes, request: Incoming) -> Batch:
         """The whole request quarantined, under its project when it has one."""
-        replay = request.endpoint if request.method == "POST" else None
+        replay = (request.endpoint, raw) if request.method == "POST" else None
         return Batch(rejections=[self._reject(self._project(request), reason, detail, raw, request, replay=replay)])
 
     def _reject(self, project: str | None, reason: str, detail: str, raw: bytes, request: Incoming,
-                replay: str | None = None) -> Rejection:
-        """`replay`: the endpoint that re-runs `raw` (nothing of it stored)."""
+                replay: tuple[str, bytes] | None = None) -> Rejection:
+        """`replay`: the endpoint and body that re-run what was dropped."""
         return Rejection(
             project=project, source=self.name, reason=reason, detail=detail,
             # The pipeline bounds the excerpt; credentials are never in a body.
             excerpt=raw[:64 * KB].decode("utf-8", "replace"), received_at=request.received_at,
-            payload=envelope(raw, request) if replay is not None and raw else None, endpoint=replay,
+            payload=envelope(replay[1], request) if replay is not None else None,
+            endpoint=replay[0] if replay is not None else None,
         )
 
     def replay_request(self, project: str, endpoint: str, payload: str, received_at: int) -> Incoming | None:
