@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
     if args.command in MAINTENANCE:
-        code: int = asyncio.run(importlib.import_module(f"gateway.{MODULES[args.command]}").command(settings, args))
-        return code
+        return _maintain(settings, args)
     if args.command == "migrate":
         asyncio.run(_migrate(settings))
         print("database is at head")
@@ -77,6 +76,22 @@ MAINTENANCE = {
     "replay": "re-run quarantined records through the current pipeline",
 }
 MODULES = {"prune": "retention", "erase": "erasure", "replay": "replay"}
+
+
+def _maintain(settings: Settings, args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage.faults import short
+
+    module = importlib.import_module(f"gateway.{MODULES[args.command]}")
+    try:
+        code: int = asyncio.run(module.command(settings, args))
+    except (SQLAlchemyError, OSError) as exc:
+        # Unreachable, or not migrated ("no such table"): one line, no traceback.
+        print(f"dialgate: {args.command}: database error: {short(exc)} (is storage.url right, and the "
+              "schema at head? `dialgate migrate`)", file=sys.stderr)
+        return 1
+    return code
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -100,3 +103,19 @@ async def test_a_gateway_with_the_daily_prune_serves_as_before(backend) -> None:
 
 def _tasks() -> set[str]:
     return {task.get_name() for task in asyncio.all_tasks()}
+
+
+async def test_dialgate_prune_says_what_it_kept_and_a_database_error_in_one_line(tmp_path) -> None:
+    dialgate = str(Path(sys.executable).parent / "dialgate")
+    env = {**os.environ, "DIALGATE_CONFIG": "", "DIALGATE_STORAGE__URL": f"sqlite+aiosqlite:///{tmp_path}/d.db"}
+
+    async def run(**extra: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(dialgate, "prune", stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE, env={**env, **extra})
+        out, err = await process.communicate()
+        return process.returncode or 0, out.decode(), err.decode()
+
+    code, out, _ = await run(DIALGATE_RETENTION__QUARANTINE_DAYS="0")
+    assert code == 0 and "nothing to prune" in out
+    code, _, err = await run(DIALGATE_RETENTION__EVENTS_DAYS="3")  # not migrated
+    assert code == 1 and "prune: database error: no such table" in err and "Traceback" not in err
