@@ -103,7 +103,7 @@ class Replay:
         self._dialects = dialects_of(settings)
 
     async def run(self, project: str, reason: str, since_ms: int | None) -> Report:
-        report = Report(again={})
+        report = Report()
         sink = self.services.sink
         sink.start()
         try:
