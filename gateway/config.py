@@ -57,6 +57,9 @@ class ServerConfig(_Base, frozen=True):
     # Request body bytes one worker admits at once (declared Content-Length,
     # or bytes read so far when chunked); past it: 503 with Retry-After.
     max_inflight_bytes: int = 64 * 1024 * 1024
+    # A file `serve` writes its pid to (the supervisor's with workers), for
+    # `dialgate reload`; removed on exit. Empty: none.
+    pid_file: str = ""
 
 
 class StorageConfig(_Base, frozen=True):
