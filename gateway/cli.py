@@ -98,7 +98,7 @@ def _reload(settings: Settings, pid: int | None, pid_file: str | None) -> int:
 
 
 def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent: int | None) -> int:
-    from gateway import reload, serve
+    from gateway import reload, serve, tls
     from gateway.server import Limits, Listener
 
     worker = parent is not None
@@ -112,8 +112,10 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
         if config_path:
             argv += ["--config", os.path.abspath(config_path)]
         logging.getLogger("dialgate").info(
-            "serving on http://%s with %d workers%s", settings.server.bind, settings.server.workers,
-            f" (admin on http://{settings.admin.bind})" if settings.admin.bind else "")
+            "serving on %s://%s with %d workers%s", "https" if settings.server.certfile else "http",
+            settings.server.bind, settings.server.workers,
+            f" (admin on {'https' if settings.admin.certfile else 'http'}://{settings.admin.bind})"
+            if settings.admin.bind else "")
         with reload.pid_file(settings.server.pid_file):
             return serve.supervise(argv, settings.server.workers, graceful_timeout=graceful,
                                    reload=lambda: reload.check(config_path, settings))
@@ -121,19 +123,24 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
     from gateway.app import build_app
 
     app = build_app(settings, migrate=False)
+    server, admin = settings.server, settings.admin
+    public_tls = tls.certificate(server.certfile, server.keyfile, http2=server.h2c)
+    admin_tls = tls.certificate(admin.certfile, admin.keyfile, http2=server.h2c)
     try:
-        listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=worker), app, "public")]
-        if settings.admin.bind:
-            listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=worker), app.admin,
-                                      "admin"))
+        listeners = [Listener(serve.bind_socket(server.bind, reuse_port=worker), app, "public", public_tls)]
+        if admin.bind:
+            listeners.append(Listener(serve.bind_socket(admin.bind, reuse_port=worker), app.admin, "admin",
+                                      admin_tls))
     except serve.CannotListen as exc:
         print(f"dialgate: {exc}", file=sys.stderr)
         return 2
-    server = settings.server
     limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
-    where = f"http://{server.bind}" + (f", admin on http://{settings.admin.bind}" if settings.admin.bind else "")
+    where = f"{tls.scheme(public_tls)}://{server.bind}"
+    if admin.bind:
+        where += f", admin on {tls.scheme(admin_tls)}://{admin.bind}"
     banner = f"worker {os.getpid()} serving" if worker else f"serving on {where}"
-    reloader = reload.Reloader(app, settings, config_path, worker=worker)
+    reloader = reload.Reloader(app, settings, config_path, worker=worker,
+                               certificates=[c for c in (public_tls, admin_tls) if c is not None])
     with reload.pid_file("" if worker else settings.server.pid_file):
         return serve.run_one(app, listeners, serve.hypercorn_config(graceful_timeout=graceful), limits,
                              graceful_timeout=graceful, banner=banner, parent=parent, reload=reloader)

@@ -11,6 +11,8 @@ database engine, Redis and the writer are kept as they are.
 Everything else (`server.*`, `storage.*`, `redis.*`, `admin.bind`,
 `quarantine.*`, `sink.*`, ...) is bound at start: a change there is named
 in a log line and waits for a restart; the rest of the file is applied.
+The certificate and key files of a TLS listener are read again (a renewed
+certificate at the same paths is served to the next handshakes).
 A file that does not load (unreadable, invalid TOML, a refused setting) is
 refused with a log line and the running configuration keeps serving.
 
@@ -25,13 +27,14 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from gateway.config import ConfigError, Settings, load
+from gateway.tls import Certificate
 
 log = logging.getLogger("dialgate")
 
@@ -81,8 +84,11 @@ class Reloader:
     """Called on SIGHUP in the process that serves `app` (the app of
     `build_app(started)`): reads `path` again and swaps the result in."""
 
-    def __init__(self, app: Any, started: Settings, path: str | None, *, worker: bool = False) -> None:
+    def __init__(self, app: Any, started: Settings, path: str | None, *, worker: bool = False,
+                 certificates: Sequence[Certificate] = ()) -> None:
         self.app = app
+        # Read again on every reload (a renewed certificate at the same paths).
+        self.certificates = tuple(certificates)
         self.started = started
         self.current = started
         self.path = path
@@ -97,11 +103,15 @@ class Reloader:
         if not self.worker:
             warn_restart(self.started, new)
         try:
+            # Nothing is swapped until all of it is built.
+            contexts = [certificate.fresh() for certificate in self.certificates]
             self.app.reconfigure(new)
-        except Exception as exc:  # a dialect refusing its new configuration
+        except Exception as exc:  # a certificate gone bad since the check; a dialect refusing its config
             log.error("%sreload refused: %s: %s; the running configuration is kept", self.who,
                       type(exc).__name__, exc)
             return False
+        for certificate, context in zip(self.certificates, contexts, strict=True):
+            certificate.context = context
         old, self.current = self.current, new
         log.info("%sconfiguration reloaded from %s: %s", self.who, self.path or "the environment",
                  _summary(old, new))

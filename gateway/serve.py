@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import importlib
 import logging
@@ -167,7 +168,7 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
 
         # The drain sees the requests of `app`'s listener (ingestion); an
         # admin listener's apps are served as they are.
-        served = [Listener(item.sock, drain if item.app is app else item.app, item.name) for item in listeners]
+        served = [dataclasses.replace(item, app=drain) if item.app is app else item for item in listeners]
         await serve(drain, served, config, limits, shutdown_trigger)
         if watcher is not None:
             watcher.cancel()  # as asyncio.run would on return
