@@ -402,3 +402,41 @@ def test_reload_without_a_pid_says_what_is_missing(tmp_path: Path) -> None:
     done = subprocess.run([str(DIALGATE), "reload", "--config", str(config), "--pid", str(2**22 + 1)], env=_env(),
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1 and "no process 4194305 (a stale pid file?)" in done.stderr
+
+
+def test_a_sighup_while_the_workers_start_is_applied_once_they_serve(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "dialgate.toml"
+    config.write_text(_toml(tmp_path / "s.db", tokens=["tok_old"], port=port, workers=2), encoding="utf-8")
+    log = tmp_path / "err.log"
+    with log.open("wb") as err:
+        process = subprocess.Popen([str(DIALGATE), "serve", "--config", str(config)], cwd=tmp_path, env=_env(),
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        # The supervisor says so just before it starts the workers.
+        deadline = time.monotonic() + 30
+        while "with 2 workers" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        config.write_text(_toml(tmp_path / "s.db", tokens=["tok_new"], port=port, workers=2), encoding="utf-8")
+        process.send_signal(signal.SIGHUP)
+        while log.read_text().count("configuration reloaded") < 2:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        text = log.read_text()
+        # Held by each worker until it could reload, not lost while it started.
+        assert all(text.index(f"worker {pid} serving") < text.index(f"worker {pid}: configuration reloaded")
+                   for pid in _children(process.pid)), text
+        base = f"http://127.0.0.1:{port}"
+        for token, status in (("tok_new", 200), ("tok_old", 401)):
+            for _ in range(8):
+                with httpx.Client(base_url=base, timeout=10) as client:
+                    reply = client.post("/track", headers={"X-Cohorly-Token": token, "Connection": "close"},
+                                        json=EVENT)
+                    assert reply.status_code == status, (token, reply.text)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
