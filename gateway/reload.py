@@ -43,14 +43,14 @@ RELOADED = frozenset({"projects", "dialects", "limits"})
 RELOADED_KEYS = frozenset({"admin.keys"})
 
 
-def read(path: str | None, running: Settings) -> Settings | None:
+def read(path: str | None, running: Settings, who: str = "") -> Settings | None:
     """The file's settings, or None (logged) when they cannot be used."""
     try:
         # The dialects installed when the process started: a plug-in
         # installed since needs a restart (its code is not loaded).
         return load(path, registry=running.registry)
     except ConfigError as exc:
-        log.error("reload refused: %s; the running configuration is kept", exc)
+        log.error("%sreload refused: %s; the running configuration is kept", who, exc)
         return None
 
 
@@ -97,7 +97,7 @@ class Reloader:
         self.who = f"worker {os.getpid()}: " if worker else ""
 
     def __call__(self) -> bool:
-        new = read(self.path, self.current)
+        new = read(self.path, self.current, self.who)
         if new is None:
             return False
         if not self.worker:

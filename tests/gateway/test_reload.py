@@ -248,7 +248,7 @@ class Gateway:
             self.process = subprocess.Popen([str(DIALGATE), "serve", "--config", str(self.config)], cwd=tmp_path,
                                             env=_env(), stdout=subprocess.DEVNULL, stderr=err)
         self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.log.read_text()
             try:
@@ -287,9 +287,11 @@ class Gateway:
         return self.log.read_text()
 
 
-def _keep_alive_loop(port: int, stop: threading.Event, results: list[tuple[int, int]], errors: list[str]) -> None:
+def _keep_alive_loop(port: int, stop: threading.Event, results: list[tuple[int, int]], errors: list[str],
+                     answered: list[int]) -> None:
     """Requests one after another on ONE connection until `stop`: a
-    connection closed or a status other than 200 is a failure."""
+    connection closed or a status other than 200 is a failure. Every
+    answer is counted in `answered` as it comes."""
     body = b'{"event": "E", "properties": {"distinct_id": "u"}}'
     request = (b"POST /track HTTP/1.1\r\nHost: gw\r\nX-Cohorly-Token: tok_keep\r\n"
                b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
@@ -313,6 +315,7 @@ def _keep_alive_loop(port: int, stop: threading.Event, results: list[tuple[int, 
                         raise ConnectionError("closed by the server mid-answer")
                     buffer += chunk
                 buffer = buffer[length:]
+                answered.append(1)
                 if head.startswith(b"HTTP/1.1 200 "):
                     ok += 1
                 else:
@@ -326,8 +329,8 @@ def _keep_alive_loop(port: int, stop: threading.Event, results: list[tuple[int, 
 def test_sighup_under_load_drops_nothing_and_swaps_the_keys(tmp_path: Path, workers: int) -> None:
     gateway = Gateway(tmp_path, workers)
     try:
-        stop, results, errors = threading.Event(), [], []  # type: ignore[var-annotated]
-        clients = [threading.Thread(target=_keep_alive_loop, args=(gateway.port, stop, results, errors))
+        stop, results, errors, answered = threading.Event(), [], [], []  # type: ignore[var-annotated]
+        clients = [threading.Thread(target=_keep_alive_loop, args=(gateway.port, stop, results, errors, answered))
                    for _ in range(6)]
         for client in clients:
             client.start()
@@ -344,6 +347,7 @@ def test_sighup_under_load_drops_nothing_and_swaps_the_keys(tmp_path: Path, work
         while gateway.log.read_text().count("configuration reloaded") < workers:
             assert time.monotonic() < deadline, gateway.log.read_text()
             time.sleep(0.1)
+        at_swap = len(answered)
         time.sleep(1.0)  # load goes on after the swap too
         stop.set()
         for client in clients:
@@ -351,8 +355,10 @@ def test_sighup_under_load_drops_nothing_and_swaps_the_keys(tmp_path: Path, work
         assert errors == []
         assert len(results) == 6 and all(failed == 0 for _, failed in results), results
         served = sum(ok for ok, _ in results)
-        print(f"workers={workers}: {served} requests on 6 keep-alive connections across the reload, 0 failed")
-        assert all(ok > 0 for ok, _ in results) and served > 100, results
+        print(f"workers={workers}: {served} requests on 6 keep-alive connections, {at_swap} of them before "
+              "the last worker's swap, 0 failed")
+        # Every connection was served, before the swap and after it.
+        assert all(ok > 0 for ok, _ in results) and 0 < at_swap < served, (at_swap, results)
         assert gateway.statuses("tok_new", 12) == [200] * 12
         assert gateway.statuses("tok_old", 12) == [401] * 12
         assert gateway.statuses("tok_keep", 4) == [200] * 4
@@ -414,7 +420,7 @@ def test_a_sighup_while_the_workers_start_is_applied_once_they_serve(tmp_path: P
                                    stdout=subprocess.DEVNULL, stderr=err)
     try:
         # The supervisor says so just before it starts the workers.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while "with 2 workers" not in log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)

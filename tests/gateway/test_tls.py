@@ -263,7 +263,7 @@ def test_dialgate_serve_over_https_with_the_mixpanel_sdk_and_a_renewed_certifica
     public, admin = f"https://127.0.0.1:{port}", f"https://127.0.0.1:{admin_port}"
     context = files.client_context()
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, log.read_text()
             try:
