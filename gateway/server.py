@@ -173,7 +173,7 @@ async def _connection(conn: socket.socket, app: Any, config: Any, context: Worke
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, conn, ssl=tls.context, ssl_handshake_timeout=limits.read_timeout,
                 ssl_shutdown_timeout=limits.read_timeout)
-    except (OSError, TimeoutError):
+    except OSError:  # a reset, or a handshake failed or timed out
         conn.close()
         return
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
