@@ -42,11 +42,15 @@ class BadQuery(Exception):
 
 class Admin:
     def __init__(self, keys: list[str], projects: set[str], state: Any, *, retry_after: int = 5) -> None:
-        self._keys = [k.encode() for k in keys]
-        self._projects = projects
+        self.configure(keys, projects)
         self._state = state  # .engine, .redis, .metrics once started
         self._retry_after = retry_after
         self._logged: dict[str, float] = {}
+
+    def configure(self, keys: list[str], projects: set[str]) -> None:
+        """The keys and projects from now on (at start, and on a reload)."""
+        self._keys = [k.encode() for k in keys]
+        self._projects = projects
 
     def routes(self) -> list[Route]:
         """Every route: the admin API, /healthz, /readyz and /metrics."""

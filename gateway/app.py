@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -54,13 +54,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     state = State()
     state.metrics = metrics
 
-    # path -> (methods, app): the ingestion routes, dispatched by exact path
-    # ahead of Starlette's stack (this is the hot path; admin goes through it).
-    ingestion: dict[str, tuple[frozenset[str], Any]] = {}
-    for path, members in _routes(settings, services).items():
-        methods = frozenset(m for member in members for m in (*member.endpoint.methods, "OPTIONS"))
-        # A path of several dialects picks one per request (gateway.shared).
-        ingestion[path] = (methods, members[0] if len(members) == 1 else Shared(members, services))
+    ingestion = ingestion_routes(settings, services)
     admin = Admin(settings.admin.keys, {p.name for p in settings.projects}, state,
                   retry_after=settings.storage.unavailable_retry_after)
     # With admin.bind the admin API, /readyz and /metrics are served by an
@@ -125,7 +119,30 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     app.state.dialgate = state
     dispatch = Dispatch(ingestion, app if admin_app is not None else AdminLog(app))
     dispatch.admin = Dispatch({}, admin_app) if admin_app is not None else None
+
+    def reconfigure(new: Settings) -> None:
+        # Everything is built before anything is swapped, and nothing awaits
+        # in between: a request sees the old configuration or the new one,
+        # whole. One being served keeps the route (dialect, credentials) it
+        # started on; it asked the per-IP window before its first await.
+        routes = ingestion_routes(new, services)
+        services.per_ip = new.limits.per_ip
+        admin.configure(new.admin.keys, {p.name for p in new.projects})
+        dispatch.routes = routes
+
+    dispatch.reconfigure = reconfigure
     return dispatch
+
+
+def ingestion_routes(settings: Settings, services: Services) -> dict[str, tuple[frozenset[str], Any]]:
+    """path -> (methods, app): the ingestion routes, dispatched by exact path
+    ahead of Starlette's stack (this is the hot path; admin goes through it)."""
+    ingestion: dict[str, tuple[frozenset[str], Any]] = {}
+    for path, members in _routes(settings, services).items():
+        methods = frozenset(m for member in members for m in (*member.endpoint.methods, "OPTIONS"))
+        # A path of several dialects picks one per request (gateway.shared).
+        ingestion[path] = (methods, members[0] if len(members) == 1 else Shared(members, services))
+    return ingestion
 
 
 def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:
@@ -168,6 +185,9 @@ class Dispatch:
         # The app of the admin listener (admin.bind), started by this one's
         # lifespan; None when this app serves the admin API itself.
         self.admin: Dispatch | None = None
+        # Swaps in the routes, limits and admin keys of new settings
+        # (gateway.reload); set by build_app.
+        self.reconfigure: Callable[[Settings], None] | None = None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -2,8 +2,9 @@
 `check-config` and `serve` refuse the same): credentials that are empty,
 shared by two projects or unable to pick a dialect on a shared path; zero,
 negative or non-finite numbers; binds without a port; URL schemes the
-engines do not open; the example admin key off loopback. And the masking of
-passwords in URLs, for these messages and the settings' reprs."""
+engines do not open; the example admin key off loopback; a certificate and
+key that do not load. And the masking of passwords in URLs, for these
+messages and the settings' reprs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 import msgspec
+
+from gateway import tls
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -44,6 +47,11 @@ def check(settings: Settings) -> None:
             f"admin.keys: the example key {EXAMPLE_ADMIN_KEY!r} must not be used while the admin API "
             f"listens on {where}, a non-loopback address; put a key of your own in admin.keys"
         )
+    _check_tls("server", settings.server.certfile, settings.server.keyfile)
+    _check_tls("admin", settings.admin.certfile, settings.admin.keyfile)
+    if settings.admin.certfile and not settings.admin.bind:
+        raise ConfigError("admin.certfile: only for a listener of its own (admin.bind); without one the admin "
+                          "API is served on server.bind, with server.certfile")
     if settings.storage.max_profile_bytes < 2:
         raise ConfigError("storage.max_profile_bytes: must be at least 2 (an empty profile, {})")
     _check_url("storage.url", settings.storage.url, STORAGE_SCHEMES)
@@ -85,6 +93,15 @@ def _address(key: str, bind: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ConfigError(f"{key}: expected HOST:PORT (port 1-65535), got {bind!r}")
     return host.strip("[]"), int(port)
+
+
+def _check_tls(section: str, certfile: str, keyfile: str) -> None:
+    if not certfile and not keyfile:
+        return
+    if not certfile or not keyfile:
+        raise ConfigError(f"{section}.certfile, {section}.keyfile: give both (HTTPS) or neither (plain HTTP)")
+    if (problem := tls.problem(certfile, keyfile)) is not None:
+        raise ConfigError(f"{section}.{problem}")
 
 
 def _loopback(host: str) -> bool:

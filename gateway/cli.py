@@ -1,4 +1,4 @@
-"""`dialgate serve | migrate | check-config | prune | erase | replay`.
+"""`dialgate serve | migrate | check-config | reload | prune | erase | replay`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
@@ -31,16 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file (as serve reads it) and exit")
     _config_option(check)
     check.add_argument("file", nargs="?", help="the file (same as --config)")
+    reload = sub.add_parser("reload", help="check the config file, then tell the running gateway to reload it")
+    _config_option(reload)
+    reload.add_argument("--pid", type=int, help="the gateway's pid (default: read from the pid file)")
+    reload.add_argument("--pid-file", help="default: server.pid_file of the config")
     for name, about in MAINTENANCE.items():
         command = sub.add_parser(name, help=about)
         _config_option(command)
         importlib.import_module(f"gateway.{MODULES[name]}").add_arguments(command)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        from gateway.serve import die_with_parent, ignore_hangup
+        from gateway.serve import die_with_parent, hold_hangup
 
-        # At once: a SIGHUP during start-up must not kill the process either.
-        ignore_hangup()
+        # At once: a SIGHUP during start-up must not kill the process; it
+        # is held and applied once serving.
+        hold_hangup()
         if args.parent is not None:
             die_with_parent()
     logs.configure()
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
+    if args.command == "reload":
+        return _reload(settings, args.pid, args.pid_file)
     if args.command in MAINTENANCE:
         return _maintain(settings, args)
     if args.command == "migrate":
@@ -110,8 +117,21 @@ async def _migrate(settings: Settings) -> None:
         await engine.dispose()
 
 
+def _reload(settings: Settings, pid: int | None, pid_file: str | None) -> int:
+    from gateway.reload import NoProcess, find_pid, send
+
+    try:
+        target = find_pid(pid, pid_file, settings)
+        send(target)
+    except NoProcess as exc:
+        print(f"dialgate: reload: {exc}", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to {target}; the gateway's log says what it applied")
+    return 0
+
+
 def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent: int | None) -> int:
-    from gateway import serve
+    from gateway import reload, serve, tls
     from gateway.server import Limits, Listener
 
     worker = parent is not None
@@ -125,27 +145,38 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
         if config_path:
             argv += ["--config", os.path.abspath(config_path)]
         logging.getLogger("dialgate").info(
-            "serving on http://%s with %d workers%s", settings.server.bind, settings.server.workers,
-            f" (admin on http://{settings.admin.bind})" if settings.admin.bind else "")
-        return serve.supervise(argv, settings.server.workers, graceful_timeout=graceful)
+            "serving on %s://%s with %d workers%s", "https" if settings.server.certfile else "http",
+            settings.server.bind, settings.server.workers,
+            f" (admin on {'https' if settings.admin.certfile else 'http'}://{settings.admin.bind})"
+            if settings.admin.bind else "")
+        with reload.pid_file(settings.server.pid_file):
+            return serve.supervise(argv, settings.server.workers, graceful_timeout=graceful,
+                                   reload=lambda: reload.check(config_path, settings))
 
     from gateway.app import build_app
 
     app = build_app(settings, migrate=False)
+    server, admin = settings.server, settings.admin
+    public_tls = tls.certificate(server.certfile, server.keyfile, http2=server.h2c)
+    admin_tls = tls.certificate(admin.certfile, admin.keyfile, http2=server.h2c)
     try:
-        listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=worker), app, "public")]
-        if settings.admin.bind:
-            listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=worker), app.admin,
-                                      "admin"))
+        listeners = [Listener(serve.bind_socket(server.bind, reuse_port=worker), app, "public", public_tls)]
+        if admin.bind:
+            listeners.append(Listener(serve.bind_socket(admin.bind, reuse_port=worker), app.admin, "admin",
+                                      admin_tls))
     except serve.CannotListen as exc:
         print(f"dialgate: {exc}", file=sys.stderr)
         return 2
-    server = settings.server
     limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
-    where = f"http://{server.bind}" + (f", admin on http://{settings.admin.bind}" if settings.admin.bind else "")
+    where = f"{tls.scheme(public_tls)}://{server.bind}"
+    if admin.bind:
+        where += f", admin on {tls.scheme(admin_tls)}://{admin.bind}"
     banner = f"worker {os.getpid()} serving" if worker else f"serving on {where}"
-    return serve.run_one(app, listeners, serve.hypercorn_config(graceful_timeout=graceful), limits,
-                         graceful_timeout=graceful, banner=banner, parent=parent)
+    reloader = reload.Reloader(app, settings, config_path, worker=worker,
+                               certificates=[c for c in (public_tls, admin_tls) if c is not None])
+    with reload.pid_file("" if worker else settings.server.pid_file):
+        return serve.run_one(app, listeners, serve.hypercorn_config(graceful_timeout=graceful), limits,
+                             graceful_timeout=graceful, banner=banner, parent=parent, reload=reloader)
 
 
 if __name__ == "__main__":

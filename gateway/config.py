@@ -57,6 +57,12 @@ class ServerConfig(_Base, frozen=True):
     # Request body bytes one worker admits at once (declared Content-Length,
     # or bytes read so far when chunked); past it: 503 with Retry-After.
     max_inflight_bytes: int = 64 * 1024 * 1024
+    # A file `serve` writes its pid to (the supervisor's with workers), for
+    # `dialgate reload`; removed on exit. Empty: none.
+    pid_file: str = ""
+    # PEM files: with both, the listener speaks HTTPS only (TLS 1.2+).
+    certfile: str = ""
+    keyfile: str = ""
 
 
 class StorageConfig(_Base, frozen=True):
@@ -104,6 +110,9 @@ class AdminConfig(_Base, frozen=True):
     # HOST:PORT of a listener of its own for the admin API, /metrics and
     # /readyz (then 404 on the public one); empty: the public listener.
     bind: str = ""
+    # PEM files for that listener (HTTPS); empty: plain HTTP.
+    certfile: str = ""
+    keyfile: str = ""
 
     def __repr__(self) -> str:
         return f"AdminConfig(keys=<{len(self.keys)} masked>)"

@@ -9,9 +9,10 @@ the supervisor passes it on and waits for every worker to finish.
 
 Workers never outlive the supervisor: each asks the kernel for SIGTERM when
 its parent dies (Linux `PR_SET_PDEATHSIG`) and also checks its parent every
-second (anywhere), then drains and exits as on SIGTERM. SIGHUP is ignored by
-the supervisor and the workers alike (one log line says so): reloading is
-not supported yet, a restart applies configuration changes.
+second (anywhere), then drains and exits as on SIGTERM. SIGHUP calls the
+`reload` given to `run_one` (gateway.reload); the supervisor calls its own
+(a check) and passes SIGHUP on to every worker when that says yes. Without
+one, SIGHUP is ignored with a log line.
 
     python -m gateway.serve MODULE:APP --bind HOST:PORT [--workers N]
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import gc
 import importlib
 import logging
@@ -33,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway import logs
@@ -45,8 +47,7 @@ log = logging.getLogger("dialgate")
 DRAIN_QUIET = 0.2
 # How often a worker checks that its supervisor is still there.
 PARENT_CHECK_SECONDS = 1.0
-HANGUP_LINE = ("SIGHUP ignored: reloading is not supported yet; restart the gateway (SIGTERM, then start it "
-               "again) to apply configuration changes")
+HANGUP_LINE = "SIGHUP ignored: this server has nothing to reload"
 
 
 class CannotListen(Exception):
@@ -102,6 +103,17 @@ def ignore_hangup() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def hold_hangup() -> None:
+    """SIGHUP is held (blocked, so kept pending; never fatal) until
+    `run_one` can reload: one sent during start-up is applied once serving
+    rather than lost. Workers started after this are born holding it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
+def release_hangup() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
 def die_with_parent() -> bool:
     """Ask the kernel for SIGTERM when the parent process dies (Linux only;
     elsewhere the parent check of `run_one` alone notices)."""
@@ -116,9 +128,9 @@ def die_with_parent() -> bool:
 
 
 def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits, *, graceful_timeout: float,
-            banner: str = "", parent: int | None = None) -> int:
+            banner: str = "", parent: int | None = None, reload: Callable[[], object] | None = None) -> int:
     """Serve in this process until SIGTERM or SIGINT (or, for a worker, the
-    death of its `parent`), draining first."""
+    death of its `parent`), draining first; `reload` is called on SIGHUP."""
     from gateway.http import Drain
 
     drain = Drain(app)
@@ -131,11 +143,16 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
         watcher: asyncio.Task[None] | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, signalled.set)
-        if parent is None:
+        if reload is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload)
+        elif parent is None:
             loop.add_signal_handler(signal.SIGHUP, log.warning, HANGUP_LINE)
         else:
             # A worker: its supervisor says it once for all.
             loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        # Handled from here on: a SIGHUP held since start-up arrives now.
+        release_hangup()
+        if parent is not None:
             watcher = loop.create_task(_watch_parent(parent, signalled))
         if banner:
             log.info("%s", banner)
@@ -151,7 +168,7 @@ def run_one(app: Any, listeners: Sequence[Listener], config: Any, limits: Limits
 
         # The drain sees the requests of `app`'s listener (ingestion); an
         # admin listener's apps are served as they are.
-        served = [Listener(item.sock, drain if item.app is app else item.app, item.name) for item in listeners]
+        served = [dataclasses.replace(item, app=drain) if item.app is app else item for item in listeners]
         await serve(drain, served, config, limits, shutdown_trigger)
         if watcher is not None:
             watcher.cancel()  # as asyncio.run would on return
@@ -169,12 +186,14 @@ async def _watch_parent(parent: int, signalled: asyncio.Event) -> None:
         await asyncio.sleep(PARENT_CHECK_SECONDS)
 
 
-def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> int:
+def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float,
+              reload: Callable[[], bool] | None = None) -> int:
     """Run `workers` copies of the command `argv` (each a worker, told this
     process's pid with `--parent`), pass SIGTERM and SIGINT on, and wait for
     all. If one exits on its own, the others are stopped too and the exit
-    code is 1 (the service manager restarts the whole gateway). SIGHUP is
-    ignored, here and in the workers."""
+    code is 1 (the service manager restarts the whole gateway). On SIGHUP,
+    `reload` is asked and, when it says yes, SIGHUP is passed on to every
+    worker; without one, SIGHUP is ignored here and in the workers."""
     stopping = False
     hangups = 0
     children: list[subprocess.Popen[bytes]] = []
@@ -191,18 +210,26 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
         hangups += 1
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # Ignored while the workers start, so they are born ignoring it too.
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
+    # Held while the workers start, so they are born holding it (a worker
+    # takes it once it can reload, see `run_one`); here it is counted
+    # and passed on once they all run.
+    hold_hangup()
     try:
         for _ in range(workers):
             children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())]))
-        signal.signal(signal.SIGHUP, hangup)
+        release_hangup()
         failed = False
         logged = 0
         while not stopping:
             if hangups != logged:
                 logged = hangups
-                log.warning("%s", HANGUP_LINE)
+                if reload is None:
+                    log.warning("%s", HANGUP_LINE)
+                elif reload():
+                    for child in children:
+                        if child.poll() is None:
+                            child.send_signal(signal.SIGHUP)
             for child in children:
                 if child.poll() is not None:
                     log.error("worker %d exited with %s; stopping the others", child.pid, child.returncode)
@@ -224,6 +251,7 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
             return 1
         return 0
     finally:
+        release_hangup()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

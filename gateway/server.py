@@ -19,7 +19,12 @@ This accept loop and connection keep hypercorn's protocols and add:
   request is answered in HTTP/1.1) and the prior-knowledge preface is
   answered with GOAWAY HTTP_1_1_REQUIRED and a close;
 - several listeners, each serving its own ASGI app (the admin listener), one
-  lifespan for all.
+  lifespan for all;
+- TLS on a listener with a certificate (`gateway.tls`): the handshake is
+  part of the first request's header deadline (and bounded by
+  `read_timeout` itself), a connection waiting for it holds its slot of
+  `max_connections` like any other, and ALPN picks HTTP/2 (offered only
+  with `h2c` on) or HTTP/1.1.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr
+
+from gateway.tls import Certificate
 
 log = logging.getLogger("dialgate")
 
@@ -68,6 +75,7 @@ class Listener:
     sock: socket.socket
     app: Any
     name: str
+    tls: Certificate | None = None
 
 
 async def serve(lifespan_app: Any, listeners: Sequence[Listener], config: Any, limits: Limits,
@@ -144,23 +152,32 @@ async def _accept(listener: Listener, app: Any, config: Any, context: WorkerCont
         # headers waits for the client's delayed ACK (about 40 ms a request).
         # (asyncio sets this only on sockets made with proto IPPROTO_TCP.)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = loop.create_task(_connection(conn, app, config, context, state, limits))
+        task = loop.create_task(_connection(conn, app, config, context, state, limits, listener.tls))
         connections.add(task)
         task.add_done_callback(closed)
 
 
 async def _connection(conn: socket.socket, app: Any, config: Any, context: WorkerContext,
-                      state: dict[str, Any], limits: Limits) -> None:
+                      state: dict[str, Any], limits: Limits, tls: Certificate | None) -> None:
     loop = asyncio.get_running_loop()
+    accepted = loop.time()
     reader = asyncio.StreamReader(limit=MAX_READ, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     try:
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
-    except OSError:
+        if tls is None:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        else:
+            # The context of now: a reload swaps in a new one for the next
+            # handshakes. A client silent during the handshake or the close
+            # is cut off like any silent one.
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=tls.context, ssl_handshake_timeout=limits.read_timeout,
+                ssl_shutdown_timeout=limits.read_timeout)
+    except OSError:  # a reset, or a handshake failed or timed out
         conn.close()
         return
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-    await Connection(app, config, context, state, limits, reader, writer).run()
+    await Connection(app, config, context, state, limits, reader, writer, accepted).run()
 
 
 class _RefusedH2(Exception):
@@ -181,7 +198,7 @@ class Connection:
     back, and the header deadline and idle timeout kept."""
 
     def __init__(self, app: Any, config: Any, context: WorkerContext, state: dict[str, Any], limits: Limits,
-                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter, accepted: float | None = None) -> None:
         self.app = app
         self.config = config
         self.context = context
@@ -195,7 +212,9 @@ class Connection:
         self.protocol: Any = None
         # When the headers being received must be complete (None: no request
         # is being received, or one is being answered).
-        self.deadline: float | None = self.loop.time() + limits.read_timeout
+        # (The first request's from the accept: the TLS handshake counts.)
+        started = self.loop.time() if accepted is None else accepted
+        self.deadline: float | None = started + limits.read_timeout
         self.busy = False
         self.reading = True
 
@@ -204,11 +223,17 @@ class Connection:
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
+            ssl_object = self.writer.get_extra_info("ssl_object")
+            # ALPN offers h2 only with h2c on; no ALPN at all is HTTP/1.1.
+            alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
             async with TaskGroup(self.loop) as task_group:
                 self.task_group = task_group
-                args = (self.app, self.config, self.context, task_group, ConnectionState(self.state), False,
-                        client, server, self.on_event)
-                self.protocol = ProtocolWrapper(*args) if self.limits.h2c else _H11Only(*args)
+                args = (self.app, self.config, self.context, task_group, ConnectionState(self.state),
+                        ssl_object is not None, client, server, self.on_event)
+                if self.limits.h2c:
+                    self.protocol = ProtocolWrapper(*args, alpn_protocol=alpn)
+                else:
+                    self.protocol = _H11Only(*args)
                 await self.protocol.initiate()
                 await self.idle_task.restart(task_group, self.idle_timeout)
                 await self.read()

@@ -145,19 +145,21 @@ def free_port() -> int:
 @contextlib.contextmanager
 def own_server(settings: Settings) -> Iterator[dict[str, str]]:
     """The app on `gateway.server`, as `dialgate serve` runs it (connection
-    limits, header deadline, admin listener), in a thread on the loopback
+    limits, header deadline, admin listener, TLS), in a thread on the loopback
     addresses of `settings`; yields {"public": url} and, with admin.bind,
     {"admin": url}."""
-    from gateway import serve
+    from gateway import serve, tls
     from gateway.server import Limits, Listener
 
     app = build_app(settings)
-    listeners = [Listener(serve.bind_socket(settings.server.bind, reuse_port=False), app, "public")]
-    urls = {"public": f"http://{settings.server.bind}"}
-    if settings.admin.bind:
-        listeners.append(Listener(serve.bind_socket(settings.admin.bind, reuse_port=False), app.admin, "admin"))
-        urls["admin"] = f"http://{settings.admin.bind}"
-    server = settings.server
+    server, admin = settings.server, settings.admin
+    public_tls = tls.certificate(server.certfile, server.keyfile, http2=server.h2c)
+    listeners = [Listener(serve.bind_socket(server.bind, reuse_port=False), app, "public", public_tls)]
+    urls = {"public": f"{tls.scheme(public_tls)}://{server.bind}"}
+    if admin.bind:
+        admin_tls = tls.certificate(admin.certfile, admin.keyfile, http2=server.h2c)
+        listeners.append(Listener(serve.bind_socket(admin.bind, reuse_port=False), app.admin, "admin", admin_tls))
+        urls["admin"] = f"{tls.scheme(admin_tls)}://{admin.bind}"
     limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -170,7 +172,8 @@ def own_server(settings: Settings) -> Iterator[dict[str, str]]:
     deadline = time.monotonic() + 20
     while True:
         try:
-            if httpx.get(urls["public"] + "/healthz", timeout=1).status_code == 200:
+            # (Only whether it answers: a test's certificate is checked by the test.)
+            if httpx.get(urls["public"] + "/healthz", timeout=1, verify=False).status_code == 200:
                 break
         except httpx.HTTPError:
             pass

@@ -216,7 +216,7 @@ def test_workers_stop_and_free_the_port_when_the_supervisor_is_killed(tmp_path: 
         assert db.execute("SELECT count(*) FROM events").fetchone() == (1,)
 
 
-def test_sighup_changes_nothing_and_sigterm_still_stops_everything(tmp_path: Path) -> None:
+def test_sighup_reloads_in_place_and_sigterm_still_stops_everything(tmp_path: Path) -> None:
     process, base = _start(tmp_path, 2)
     workers = sorted(_children(process.pid))
     try:
@@ -238,5 +238,8 @@ def test_sighup_changes_nothing_and_sigterm_still_stops_everything(tmp_path: Pat
         if process.poll() is None:
             process.kill()
     err = (tmp_path / "err.log").read_text()
-    assert err.count("SIGHUP ignored: reloading is not supported yet") == 1, err
+    # The supervisor's SIGHUP reached both workers, and each worker's own
+    # made it reload once more: the same processes, the same file.
+    assert err.count("configuration reloaded") == 4, err
+    assert err.count("1 projects; nothing changed") == 4, err
     assert "Traceback" not in err, err
