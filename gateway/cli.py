@@ -1,24 +1,27 @@
-"""`dialgate serve | migrate | check-config`.
+"""`dialgate serve | migrate | check-config`, and `dialgate --version`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
-`check-config FILE` (positional) is kept as well.
+`check-config FILE` (positional) is kept as well. A failure to start is one
+line on stderr and a non-zero exit: 2 when the configuration must change
+(a config error, a taken port), 1 when a service it needs does not answer
+(the database, Redis) or a migration fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
-from gateway import logs
+from gateway import logs, startup
 from gateway.config import ConfigError, Settings, load
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dialgate", description="Multi-dialect event ingestion gateway")
+    parser.add_argument("--version", action="version", version=f"dialgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     _config_option(serve)
@@ -55,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
     if args.command == "migrate":
-        asyncio.run(_migrate(settings))
+        try:
+            startup.run(lambda: startup.prepare_database(settings.storage.url, migrate=True))
+        except startup.StartupError as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 1
         print("database is at head")
         return 0
     return _serve(settings, path, migrate=not args.no_migrate, parent=args.parent)
@@ -66,15 +73,25 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
                         help="TOML file (default: $DIALGATE_CONFIG)")
 
 
-async def _migrate(settings: Settings) -> None:
-    from storage.engine import create_engine
-    from storage.migrate import upgrade
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    engine = create_engine(settings.storage.url)
     try:
-        await upgrade(engine)
-    finally:
-        await engine.dispose()
+        return version("dialgate")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _prepare(settings: Settings, *, migrate: bool) -> None:
+    """The database answers (migrated when asked), and Redis when one is
+    configured; else a StartupError (gateway.startup)."""
+
+    async def checks() -> None:
+        await startup.prepare_database(settings.storage.url, migrate=migrate)
+        if settings.redis.url:
+            await startup.check_redis(settings.redis.url)
+
+    startup.run(checks)
 
 
 def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent: int | None) -> int:
@@ -82,10 +99,17 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
     from gateway.server import Limits, Listener
 
     worker = parent is not None
-    if migrate and settings.storage.migrate_on_start and not worker:
-        asyncio.run(_migrate(settings))
+    migrate = migrate and settings.storage.migrate_on_start
     graceful = float(settings.server.graceful_timeout)
     if settings.server.workers > 1 and not worker:
+        try:
+            # The workers bind later: a taken port fails here, once.
+            for bind in filter(None, (settings.server.bind, settings.admin.bind)):
+                serve.bind_socket(bind, reuse_port=False).close()
+            _prepare(settings, migrate=migrate)
+        except (serve.CannotListen, startup.StartupError) as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, serve.CannotListen) else 1
         # Workers load the same settings (file + environment); this process
         # has migrated already.
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--no-migrate"]
@@ -107,6 +131,12 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
     except serve.CannotListen as exc:
         print(f"dialgate: {exc}", file=sys.stderr)
         return 2
+    if not worker:
+        try:
+            _prepare(settings, migrate=migrate)
+        except startup.StartupError as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 1
     server = settings.server
     limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
     where = f"http://{server.bind}" + (f", admin on http://{settings.admin.bind}" if settings.admin.bind else "")
