@@ -166,6 +166,30 @@ def test_serve_store_stop_and_keep_the_data_in_the_volume(image: str, tmp_path: 
         engine("volume", "rm", "-f", volume, check=False)
 
 
+def test_on_postgresql_and_redis(image: str, tmp_path: Path, postgres_backend: dict[str, str]) -> None:
+    # The drivers inside the image (asyncpg, hiredis) against the servers
+    # the other tests use, reached over the host's network.
+    name = f"dialgate-test-{uuid.uuid4().hex[:8]}"
+    bind = f"127.0.0.1:{free_port()}"
+    engine("run", "-d", "--name", name, "--network", "host", "--no-healthcheck",
+           "-e", f"DIALGATE_STORAGE__URL={postgres_backend['storage_url']}",
+           "-e", f"DIALGATE_REDIS__URL={postgres_backend['redis_url']}",
+           "-e", f"DIALGATE_REDIS__KEY_PREFIX={postgres_backend['redis_prefix']}",
+           "-e", f"DIALGATE_SERVER__BIND={bind}",
+           "-v", f"{config(tmp_path)}:/etc/dialgate/dialgate.toml:ro", image)
+    try:
+        base = f"http://{bind}"
+        wait_healthy(base, name)
+        track = {"event": "Contained", "properties": {"distinct_id": "u1", "$insert_id": "p1"}}
+        replies = [httpx.post(base + "/track", headers={"X-Cohorly-Token": "tok_image"}, json=track, timeout=10)
+                   for _ in range(2)]
+        assert [r.json() for r in replies] == [{"status": 1, "inserted": 1}, {"status": 1, "inserted": 0}]
+        ready = httpx.get(base + "/readyz", timeout=10)
+        assert ready.json() == {"status": "ready", "database": True, "redis": True}
+    finally:
+        engine("rm", "-f", name, check=False)
+
+
 def test_a_start_up_failure_is_one_line(image: str) -> None:
     url = "postgresql+asyncpg://dialgate:hunter2@127.0.0.1:1/dialgate"
     result = engine("run", "--rm", "--no-healthcheck", "-e", f"DIALGATE_STORAGE__URL={url}", image, check=False)
