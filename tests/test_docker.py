@@ -127,7 +127,7 @@ def test_the_image_config_starts_as_is(image: str) -> None:
                            json={"event": "E", "properties": {"distinct_id": "u"}}, timeout=10)
         assert reply.status_code == 401
     finally:
-        engine("rm", "-f", name, check=False)
+        engine("rm", "-f", "-v", name, check=False)
 
 
 def test_serve_store_stop_and_keep_the_data_in_the_volume(image: str, tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_serve_store_stop_and_keep_the_data_in_the_volume(image: str, tmp_path: 
         assert [(e["name"], e["insert_id"]) for e in listing["events"]] == [("Contained", "c1")]
     finally:
         for name in names:
-            engine("rm", "-f", name, check=False)
+            engine("rm", "-f", "-v", name, check=False)
         engine("volume", "rm", "-f", volume, check=False)
 
 
@@ -187,7 +187,7 @@ def test_on_postgresql_and_redis(image: str, tmp_path: Path, postgres_backend: d
         ready = httpx.get(base + "/readyz", timeout=10)
         assert ready.json() == {"status": "ready", "database": True, "redis": True}
     finally:
-        engine("rm", "-f", name, check=False)
+        engine("rm", "-f", "-v", name, check=False)
 
 
 def test_a_start_up_failure_is_one_line(image: str) -> None:
