@@ -1,8 +1,12 @@
-"""`dialgate serve | migrate | check-config | reload | prune | erase | replay`.
+"""`dialgate serve | migrate | check-config | reload | prune | erase | replay`,
+and `dialgate --version`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
-`check-config FILE` (positional) is kept as well.
+`check-config FILE` (positional) is kept as well. A failure to start is one
+line on stderr and a non-zero exit: 2 when the configuration must change
+(a config error, a taken port), 1 when a service it needs does not answer
+(the database, Redis) or a migration fails.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import logging
 import os
 import sys
 
-from gateway import logs
+from gateway import logs, startup
 from gateway.config import ConfigError, Settings, load
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dialgate", description="Multi-dialect event ingestion gateway")
+    parser.add_argument("--version", action="version", version=f"dialgate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     _config_option(serve)
@@ -69,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in MAINTENANCE:
         return _maintain(settings, args)
     if args.command == "migrate":
-        asyncio.run(_migrate(settings))
+        try:
+            startup.run(lambda: startup.prepare_database(settings.storage.url, migrate=True))
+        except startup.StartupError as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 1
         print("database is at head")
         return 0
     return _serve(settings, path, migrate=not args.no_migrate, parent=args.parent)
@@ -106,15 +115,25 @@ def _config_option(parser: argparse.ArgumentParser) -> None:
                         help="TOML file (default: $DIALGATE_CONFIG)")
 
 
-async def _migrate(settings: Settings) -> None:
-    from storage.engine import create_engine
-    from storage.migrate import upgrade
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    engine = create_engine(settings.storage.url)
     try:
-        await upgrade(engine)
-    finally:
-        await engine.dispose()
+        return version("dialgate")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def _prepare(settings: Settings, *, migrate: bool) -> None:
+    """The database answers (migrated when asked), and Redis when one is
+    configured; else a StartupError (gateway.startup)."""
+
+    async def checks() -> None:
+        await startup.prepare_database(settings.storage.url, migrate=migrate)
+        if settings.redis.url:
+            await startup.check_redis(settings.redis.url)
+
+    startup.run(checks)
 
 
 def _reload(settings: Settings, pid: int | None, pid_file: str | None) -> int:
@@ -135,10 +154,17 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
     from gateway.server import Limits, Listener
 
     worker = parent is not None
-    if migrate and settings.storage.migrate_on_start and not worker:
-        asyncio.run(_migrate(settings))
+    migrate = migrate and settings.storage.migrate_on_start
     graceful = float(settings.server.graceful_timeout)
     if settings.server.workers > 1 and not worker:
+        try:
+            # The workers bind later: a taken port fails here, once.
+            for bind in filter(None, (settings.server.bind, settings.admin.bind)):
+                serve.bind_socket(bind, reuse_port=False).close()
+            _prepare(settings, migrate=migrate)
+        except (serve.CannotListen, startup.StartupError) as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, serve.CannotListen) else 1
         # Workers load the same settings (file + environment); this process
         # has migrated already.
         argv = [sys.executable, "-m", "gateway.cli", "serve", "--no-migrate"]
@@ -167,6 +193,12 @@ def _serve(settings: Settings, config_path: str | None, *, migrate: bool, parent
     except serve.CannotListen as exc:
         print(f"dialgate: {exc}", file=sys.stderr)
         return 2
+    if not worker:
+        try:
+            _prepare(settings, migrate=migrate)
+        except startup.StartupError as exc:
+            print(f"dialgate: {exc}", file=sys.stderr)
+            return 1
     limits = Limits(read_timeout=server.read_timeout, max_connections=server.max_connections, h2c=server.h2c)
     where = f"{tls.scheme(public_tls)}://{server.bind}"
     if admin.bind:
