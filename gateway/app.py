@@ -3,6 +3,7 @@ the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from gateway.dedup import Dedup
 from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
+from gateway.probes import Probes
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter
 from gateway.redislink import RedisLink
@@ -36,7 +38,7 @@ class State:
 
 
 def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
-    metrics = Metrics()
+    metrics = Metrics(redis=bool(settings.redis.url))
     sampler = Sampler(settings.quarantine.per_minute, settings.quarantine.excerpt_bytes)
     services = Services(
         client_address=ClientAddress(settings.server.trusted_proxies),
@@ -97,15 +99,21 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             if not await link.ping():
                 log.warning("starting without redis; limits are in-process until it answers")
         sink = open_sink(SinkKind(settings.sink.kind), engine, sink_options, clock=services.clock,
-                         admit=sampler.admit)
+                         admit=sampler.admit, on_commit=metrics.observe_commit)
         sink.start()
         services.sink = sink
         services.limiter = Limiter(link)
         services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
         state.engine, state.redis = engine, link
+        probes = Probes(metrics, sink=sink, engine=engine, redis=link)
+        metrics.sample_with(probes.sample)
+        # With workers, each keeps its gauges fresh for the scrapes another answers.
+        sampling = asyncio.create_task(probes.run()) if metrics.directory else None
         try:
             yield
         finally:
+            if sampling is not None:
+                sampling.cancel()
             await sink.close()
             await services.dedup.close()
             if link is not None:

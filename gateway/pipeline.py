@@ -103,6 +103,8 @@ class Ingest:
         self.dialect = dialect
         self.endpoint = endpoint
         self.services = services
+        # This route's child of the duration histogram, bound once.
+        self.timer = services.metrics.timer(dialect.name, endpoint.name)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] == "OPTIONS":
@@ -141,7 +143,7 @@ class Ingest:
             route._log_rejected(request, result, reply)
         await _send(send, reply, Cors.headers(headers.get("origin")))
         await reader.drain()
-        services.metrics.observe(route.dialect.name, time.perf_counter() - started)
+        route.timer.observe(time.perf_counter() - started)
 
     def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         try:
@@ -279,6 +281,10 @@ class Ingest:
             return Failure(kind="unstorable", message="the database refused this data")
         await services.dedup.remember(written.new_keys)
         self._count(batch, written.new_keys, records)
+        # What the storage refused inside its transaction (alias conflicts,
+        # profile type mismatches and size), counted as the dialect's.
+        for reason in written.refused:
+            services.metrics.rejection(source, reason)
         return Outcome(
             inserted=written.inserted,
             duplicates=skipped + written.duplicates,

@@ -36,7 +36,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from gateway import logs
+from gateway import logs, metrics
 from gateway.server import Limits, Listener, serve
 
 log = logging.getLogger("dialgate")
@@ -193,9 +193,12 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     # Ignored while the workers start, so they are born ignoring it too.
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The workers' metric files, one directory for the run (gateway.metrics).
+    directory = metrics.fresh_directory()
+    env = {**os.environ, metrics.MULTIPROC_ENV: directory}
     try:
         for _ in range(workers):
-            children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())]))
+            children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())], env=env))
         signal.signal(signal.SIGHUP, hangup)
         failed = False
         logged = 0
@@ -220,10 +223,12 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float) -> 
                 log.error("worker %d did not stop in time; killing it", child.pid)
                 child.kill()
                 child.wait()
+            metrics.worker_exited(child.pid, directory)
         if failed or any(child.returncode != 0 for child in children):
             return 1
         return 0
     finally:
+        metrics.remove_directory(directory)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
