@@ -12,6 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from gateway.access import AccessLog
 from gateway.admin import Admin, AdminLog
 from gateway.config import Settings, lookups_for, project_options
 from gateway.dedup import Dedup
@@ -125,6 +126,11 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     app.state.dialgate = state
     dispatch = Dispatch(ingestion, app if admin_app is not None else AdminLog(app))
     dispatch.admin = Dispatch({}, admin_app) if admin_app is not None else None
+    if settings.logging.access_log:
+        # Outermost: every request as the client sent it, a 405 of Dispatch's included.
+        logged = AccessLog(dispatch)
+        logged.admin = AccessLog(dispatch.admin) if dispatch.admin is not None else None
+        return logged
     return dispatch
 
 

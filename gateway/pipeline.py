@@ -58,6 +58,9 @@ from gateway.ratelimit import Limiter, retry_after_seconds
 from storage.sink import Sink, StorageUnavailable, Unstorable
 
 log = logging.getLogger("dialgate.ingest")
+# The one line of a rejected request (in JSON, the dialect's message is `detail`).
+REJECTED = logs.Line(log, "rejected", "dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
+                     renamed={"message": "detail"})
 
 # The limiter's name for `[limits] per_ip`: a window of its own, apart from
 # any dialect's.
@@ -306,12 +309,8 @@ class Ingest:
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
         self.services.metrics.rejection(self.dialect.name, failure.kind)
         # Never the credentials or the body: the dialect's message names fields only.
-        logs.info(
-            log,
-            "rejected dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
-            self.dialect.name, request.endpoint, reply.status, failure.kind,
-            request.client_ip, failure.message[:200],
-        )
+        REJECTED(self.dialect.name, request.endpoint, reply.status, failure.kind, request.client_ip,
+                 failure.message[:200])
 
 
 INTERNAL = Failure(kind="internal", message="internal error")

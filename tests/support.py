@@ -281,3 +281,39 @@ def dialgate_serve(config: str, port: int, *, workers: int = 1, stderr: str) -> 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+
+def _toml(value: Any) -> str:
+    """A TOML value of the few kinds test configs hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def config_file(path: Path, backend: dict[str, str], port: int, **sections: dict[str, Any]) -> str:
+    """A TOML file at `path` for `dialgate serve` on `port`: the backend's
+    storage and Redis, the admin key, PROJECTS, and `sections` (their keys
+    added to the tables of the same name)."""
+    tables: dict[str, dict[str, Any]] = {
+        "server": {"bind": f"127.0.0.1:{port}"},
+        "storage": {"url": backend["storage_url"]},
+        "redis": {"url": backend["redis_url"], "key_prefix": backend["redis_prefix"]},
+        "admin": {"keys": [ADMIN_KEY]},
+    }
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
+                   for name, values in tables.items())
+    text += "".join("[[projects]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in project.items()) + "\n"
+                    for project in PROJECTS)
+    path.write_text(text, encoding="utf-8")
+    return str(path)

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway.metrics import BUCKETS, MULTIPROC_ENV, Metrics, fresh_directory, remove_directory, worker_exited
-from tests.support import children_of, dialgate_serve, free_port, gateway, settings_for
+from tests.support import children_of, config_file, dialgate_serve, free_port, gateway, settings_for
 
 pytestmark = pytest.mark.anyio
 
@@ -163,6 +163,7 @@ def mix() -> list[tuple[str, str, dict[str, Any], int]]:
 
 
 REQUESTS = len(mix())
+PROFILE_CAP = {"max_profile_bytes": 400}
 EXPECTED = {
     'dialgate_events_received_total{dialect="cohorly",project="shop"}': 16,
     'dialgate_events_stored_total{dialect="cohorly",project="shop"}': 12,
@@ -189,7 +190,7 @@ def _durations(found: dict[str, float]) -> float:
 
 
 async def test_every_refusal_is_counted_whoever_decides_it(backend: dict[str, str]) -> None:
-    settings = settings_for(backend, storage={"max_profile_bytes": 400})
+    settings = settings_for(backend, storage=PROFILE_CAP)
     async with gateway(settings) as client:
         for method, path, arguments, status in mix():
             reply = await client.request(method, path, **arguments)
@@ -205,35 +206,6 @@ async def test_every_refusal_is_counted_whoever_decides_it(backend: dict[str, st
 # -- a real `dialgate serve`, with workers ---------------------------------------------
 
 
-def _config(tmp_path: Path, backend: dict[str, str], port: int, workers: int) -> str:
-    from tests.support import PROJECTS
-
-    config = tmp_path / "dialgate.toml"
-    projects = ""
-    for project in PROJECTS:
-        projects += "\n[[projects]]\n"
-        for key, value in project.items():
-            if key == "collect_sources":  # inline tables: TOML's own syntax
-                value = [f"{{ site = {s['site']}, token = {json.dumps(s['token'])} }}" for s in value]
-                projects += f"{key} = [{', '.join(value)}]\n"
-            else:
-                projects += f"{key} = {json.dumps(value)}\n"
-    config.write_text(f"""
-[server]
-bind = "127.0.0.1:{port}"
-workers = {workers}
-
-[storage]
-url = "{backend["storage_url"]}"
-max_profile_bytes = 400
-
-[redis]
-url = "{backend["redis_url"]}"
-key_prefix = "{backend["redis_prefix"]}"
-{projects}""", encoding="utf-8")
-    return str(config)
-
-
 def _fresh(base: str, method: str, path: str, **arguments: Any) -> httpx.Response:
     # A connection of its own: the kernel spreads them over the workers.
     with httpx.Client(base_url=base, timeout=15, headers={"Connection": "close"}) as client:
@@ -245,8 +217,8 @@ def test_totals_are_exact_whichever_worker_answers_the_scrape(backend: dict[str,
                                                               workers: int) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    with dialgate_serve(_config(tmp_path, backend, port, workers), port, workers=workers,
-                        stderr=str(tmp_path / "err.log")) as process:
+    config = config_file(tmp_path / "dialgate.toml", backend, port, server={"workers": workers}, storage=PROFILE_CAP)
+    with dialgate_serve(config, port, workers=workers, stderr=str(tmp_path / "err.log")) as process:
         for method, path, arguments, status in mix():
             reply = _fresh(base, method, path, **arguments)
             assert reply.status_code == status, (path, reply.text)
