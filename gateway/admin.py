@@ -17,10 +17,11 @@ from typing import Any
 
 from sqlalchemy import text
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.erasure import erase_person
+from gateway.metrics import CONTENT_TYPE
 from storage import queries
 from storage.faults import is_unavailable
 
@@ -197,7 +198,7 @@ class Admin:
         )
 
     async def metrics(self, request: Request) -> Response:
-        return PlainTextResponse(self._state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(self._state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def _query(request: Request, allowed: frozenset[str]) -> dict[str, str]:

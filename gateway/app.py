@@ -3,6 +3,7 @@ the lifespan."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -12,12 +13,14 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from gateway import retention
+from gateway.access import AccessLog
 from gateway.admin import Admin, AdminLog
 from gateway.config import Settings, lookups_for, project_options
 from gateway.dedup import Dedup
 from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
 from gateway.pipeline import Ingest, Services
+from gateway.probes import Probes
 from gateway.quarantine import Sampler
 from gateway.ratelimit import Limiter
 from gateway.redislink import RedisLink
@@ -38,7 +41,7 @@ class State:
 
 
 def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
-    metrics = Metrics()
+    metrics = Metrics(redis=bool(settings.redis.url))
     sampler = Sampler(settings.quarantine.per_minute, settings.quarantine.excerpt_bytes)
     services = Services(
         client_address=ClientAddress(settings.server.trusted_proxies),
@@ -93,12 +96,16 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
             if not await link.ping():
                 log.warning("starting without redis; limits are in-process until it answers")
         sink = open_sink(SinkKind(settings.sink.kind), engine, sink_options, clock=services.clock,
-                         admit=sampler.admit)
+                         admit=sampler.admit, on_commit=metrics.observe_commit)
         sink.start()
         services.sink = sink
         services.limiter = Limiter(link)
         services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
         state.engine, state.redis, state.dedup = engine, link, services.dedup
+        probes = Probes(metrics, sink=sink, engine=engine, redis=link)
+        metrics.sample_with(probes.sample)
+        # With workers, each keeps its gauges fresh for the scrapes another answers.
+        sampling = asyncio.create_task(probes.run()) if metrics.directory else None
         daily = retention.daily_at(settings)
         pruning = retention.DailyPrune(engine, settings, daily) if daily is not None else None
         if pruning is not None:
@@ -108,6 +115,8 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         finally:
             if pruning is not None:
                 await pruning.stop()
+            if sampling is not None:
+                sampling.cancel()
             await sink.close()
             await services.dedup.close()
             if link is not None:
@@ -131,6 +140,12 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         dispatch.routes = routes
 
     dispatch.reconfigure = reconfigure
+    if settings.logging.access_log:
+        # Outermost: every request as the client sent it, a 405 of Dispatch's included.
+        logged = AccessLog(dispatch)
+        logged.admin = AccessLog(dispatch.admin) if dispatch.admin is not None else None
+        logged.reconfigure = reconfigure
+        return logged
     return dispatch
 
 

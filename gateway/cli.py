@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dialgate: config error: {exc}", file=sys.stderr)
         return 2
+    logs.configure(settings.logging.format, settings.logging.level, access_log=settings.logging.access_log)
     if args.command == "check-config":
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0

@@ -22,6 +22,7 @@ from msgspec import Meta
 from dialects.base import CredentialList, Dialect, ProjectField, SlidingWindow
 from gateway.checks import ConfigError as ConfigError  # re-exported: the error of loading settings
 from gateway.checks import check, mask_url
+from gateway.logs import LogFormat, LogLevel
 from gateway.registry import PluginError, Registry, discover
 
 ENV_PREFIX = "DIALGATE_"
@@ -160,6 +161,15 @@ class LimitsConfig(_Base, frozen=True):
     per_ip: SlidingWindow | None = None
 
 
+class LoggingConfig(_Base, frozen=True):
+    # "text": `time LEVEL logger message`; "json": one object a line (gateway.logs).
+    format: LogFormat = "text"
+    level: LogLevel = "info"
+    # One line per request (method, path without its query, status,
+    # duration, peer), written whatever `level` says.
+    access_log: bool = False
+
+
 class Settings(_Base, frozen=True):
     """The whole configuration. What the dialects add (`projects`' keys
     beyond `name`, the `dialects` section) depends on the registry: the
@@ -177,6 +187,7 @@ class Settings(_Base, frozen=True):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     projects: list[ProjectConfig] = []
     dialects: Any = None  # one `[dialects.<name>]` table per dialect
 

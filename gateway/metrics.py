@@ -1,86 +1,170 @@
-"""A small Prometheus text registry: counters and one histogram."""
+"""The gateway's Prometheus metrics, through prometheus_client.
+
+One process: the families live in a registry of the app's own, beside
+prometheus_client's process collector. Several workers (`server.workers` >
+1): the supervisor makes one fresh directory per run (`fresh_directory`)
+and names it to every worker in PROMETHEUS_MULTIPROC_DIR. prometheus_client
+then keeps each worker's values in files of that worker's own there, and a
+scrape, whichever worker answers it, merges them all: counters and
+histograms are summed over every worker that ran in this run (one that
+exited still counts), gauges are combined as each family's
+`multiprocess_mode` says. prometheus_client picks its way of keeping values
+when it is first imported, so the variable is set in the workers'
+environment before they start, never later.
+
+The request path increments label children bound once and kept, per
+(dialect, project), (dialect, reason) and route: no label lookup or
+allocation per request.
+"""
 
 from __future__ import annotations
 
-import bisect
-import collections
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.process_collector import ProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
-HELP = {
-    "dialgate_events_received_total": "Events received in accepted requests.",
-    "dialgate_events_stored_total": "Events newly stored.",
-    "dialgate_events_deduplicated_total": "Events skipped as already stored.",
-    "dialgate_rejections_total": "Rejected requests and quarantined records.",
+# prometheus_client's process collector reads the scraping process only, so
+# with workers each one copies its own figures into gauges of these names
+# (one series per worker, labelled `pid`).
+PROCESS_GAUGES = {
+    "process_cpu_seconds_total": "Total user and system CPU time spent in seconds.",
+    "process_resident_memory_bytes": "Resident memory size in bytes.",
+    "process_virtual_memory_bytes": "Virtual memory size in bytes.",
+    "process_start_time_seconds": "Start time of the process since unix epoch in seconds.",
+    "process_open_fds": "Number of open file descriptors.",
+    "process_max_fds": "Maximum number of open file descriptors.",
 }
+
+# The `_created` series (one more per counter child) carry nothing a rate()
+# needs, and multiprocess mode has none: left out in both. (prometheus_client
+# leaves these functions unannotated.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.counters: dict[str, collections.Counter[tuple[tuple[str, str], ...]]] = {
-            name: collections.Counter() for name in HELP
-        }
-        self._hist: dict[str, list[float]] = {}  # dialect -> bucket counts + [sum, count]
-        # Label keys kept, not sorted anew for every request.
-        self._event_labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
-        self._rejection_labels: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+    """Every family the gateway exports, for one app (one process)."""
 
-    def rejection(self, dialect: str, reason: str) -> None:
-        """One rejected request or quarantined record."""
-        labels = self._rejection_labels.get((dialect, reason))
-        if labels is None:
-            labels = self._rejection_labels[(dialect, reason)] = (("dialect", dialect), ("reason", reason))
-        self.counters["dialgate_rejections_total"][labels] += 1
+    def __init__(self, *, redis: bool = True) -> None:
+        """`redis`: whether a Redis is configured (else no Redis series:
+        a 0 would read as Redis down)."""
+        # Set: values go to files in that directory, and a scrape merges
+        # every worker's (see the module docstring).
+        self.directory = os.environ.get(MULTIPROC_ENV) or None
+        registry = None if self.directory else CollectorRegistry()
+        self._registry = registry
+        self._sample: Callable[[], None] | None = None
+        self.received = Counter("dialgate_events_received", "Events received in accepted requests.",
+                                ("dialect", "project"), registry=registry)
+        self.stored = Counter("dialgate_events_stored", "Events newly stored.", ("dialect", "project"),
+                              registry=registry)
+        self.deduplicated = Counter("dialgate_events_deduplicated", "Events skipped as already stored.",
+                                    ("dialect", "project"), registry=registry)
+        self.rejections = Counter("dialgate_rejections", "Rejected requests and quarantined records, by reason.",
+                                  ("dialect", "reason"), registry=registry)
+        self.duration = Histogram("dialgate_request_duration_seconds",
+                                  "Ingestion request latency, from the request to its answer.",
+                                  ("dialect", "endpoint"), buckets=BUCKETS, registry=registry)
+        self.commit = Histogram("dialgate_commit_duration_seconds",
+                                "Seconds each committed write transaction of the sink took.",
+                                buckets=BUCKETS, registry=registry)
+        self.backlog = Gauge("dialgate_writer_backlog_rows",
+                             "Rows (records and rejections) queued or being written, all workers.",
+                             registry=registry, multiprocess_mode="livesum")
+        self.pool_checked_out = Gauge("dialgate_db_pool_checked_out",
+                                      "Database connections checked out of the pool, all workers.",
+                                      registry=registry, multiprocess_mode="livesum")
+        self.pool_size = Gauge("dialgate_db_pool_size",
+                               "Database connections the pool keeps (pool_size), all workers.",
+                               registry=registry, multiprocess_mode="livesum")
+        self.redis_up: Gauge | None = None
+        self.redis_failure: Gauge | None = None
+        if redis:
+            self.redis_up = Gauge("dialgate_redis_up",
+                                  "1 while Redis answers the gateway's calls (every worker's), 0 after one failed.",
+                                  registry=registry, multiprocess_mode="livemin")
+            self.redis_failure = Gauge("dialgate_redis_last_failure_timestamp_seconds",
+                                       "When a Redis call last failed (unix time; 0: never).",
+                                       registry=registry, multiprocess_mode="livemax")
+        self.process: dict[str, Gauge] = {}
+        if registry is not None:
+            ProcessCollector(registry=registry)
+        else:
+            self.process = {name: Gauge(name, text, registry=None, multiprocess_mode="liveall")
+                            for name, text in PROCESS_GAUGES.items()}
+        self._events: dict[tuple[str, str], tuple[Counter, Counter, Counter]] = {}
+        self._reasons: dict[tuple[str, str], Counter] = {}
+
+    # -- the request path --------------------------------------------------
 
     def events(self, dialect: str, project: str, received: int, stored: int) -> None:
         """A request's events of one project: received, stored and the rest
         deduplicated."""
-        labels = self._event_labels.get((dialect, project))
-        if labels is None:
-            labels = self._event_labels[(dialect, project)] = (("dialect", dialect), ("project", project))
-        counters = self.counters
-        counters["dialgate_events_received_total"][labels] += received
+        children = self._events.get((dialect, project))
+        if children is None:
+            children = self._events[(dialect, project)] = (
+                self.received.labels(dialect, project),
+                self.stored.labels(dialect, project),
+                self.deduplicated.labels(dialect, project),
+            )
+        children[0].inc(received)
         if stored:
-            counters["dialgate_events_stored_total"][labels] += stored
+            children[1].inc(stored)
         if received - stored:
-            counters["dialgate_events_deduplicated_total"][labels] += received - stored
+            children[2].inc(received - stored)
 
-    def observe(self, dialect: str, seconds: float) -> None:
-        row = self._hist.get(dialect)
-        if row is None:
-            row = self._hist[dialect] = [0.0] * (len(BUCKETS) + 2)
-        index = bisect.bisect_left(BUCKETS, seconds)
-        if index < len(BUCKETS):
-            row[index] += 1
-        row[-2] += seconds
-        row[-1] += 1
+    def rejection(self, dialect: str, reason: str) -> None:
+        """One rejected request or refused record."""
+        child = self._reasons.get((dialect, reason))
+        if child is None:
+            child = self._reasons[(dialect, reason)] = self.rejections.labels(dialect, reason)
+        child.inc()
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, counter in self.counters.items():
-            lines += [f"# HELP {name} {HELP[name]}", f"# TYPE {name} counter"]
-            for labels, value in sorted(counter.items()):
-                lines.append(f"{name}{_labels(labels)} {value}")
-        name = "dialgate_request_duration_seconds"
-        lines += [f"# HELP {name} Ingestion request latency.", f"# TYPE {name} histogram"]
-        for dialect, row in sorted(self._hist.items()):
-            cumulative = 0.0
-            # The row holds the sum and the count past the buckets: not zipped.
-            for bound, count in zip(BUCKETS, row, strict=False):
-                cumulative += count
-                lines.append(f'{name}_bucket{{dialect="{dialect}",le="{bound}"}} {int(cumulative)}')
-            lines.append(f'{name}_bucket{{dialect="{dialect}",le="+Inf"}} {int(row[-1])}')
-            lines.append(f'{name}_sum{{dialect="{dialect}"}} {row[-2]}')
-            lines.append(f'{name}_count{{dialect="{dialect}"}} {int(row[-1])}')
-        return "\n".join(lines) + "\n"
+    def timer(self, dialect: str, endpoint: str) -> Histogram:
+        """The request duration histogram of one route, bound once by the route."""
+        return self.duration.labels(dialect, endpoint)
 
+    def observe_commit(self, seconds: float) -> None:
+        self.commit.observe(seconds)
 
-def _labels(labels: tuple[tuple[str, str], ...]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-    return "{" + inner + "}"
+    # -- the scrape --------------------------------------------------------
+
+    def sample_with(self, sample: Callable[[], None]) -> None:
+        """Have `sample` set this process's gauges before every scrape."""
+        self._sample = sample
+
+    def render(self) -> bytes:
+        """The Prometheus text format of every family, every worker's."""
+        if self._sample is not None:
+            self._sample()
+        if self._registry is not None:
+            return generate_latest(self._registry)
+        assert self.directory is not None
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self.directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def fresh_directory() -> str:
+    """A new, empty directory for the metric files of one run of workers
+    (never one left by an earlier run: its counts would be added in).
+    `remove_directory` when the run ends."""
+    return tempfile.mkdtemp(prefix="dialgate-metrics-")
+
+
+def remove_directory(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def worker_exited(pid: int, directory: str) -> None:
+    """Drop the gauges of a worker that exited (its counts stay)."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -58,6 +58,9 @@ from gateway.ratelimit import Limiter, retry_after_seconds
 from storage.sink import Sink, StorageUnavailable, Unstorable
 
 log = logging.getLogger("dialgate.ingest")
+# The one line of a rejected request (in JSON, the dialect's message is `detail`).
+REJECTED = logs.Line(log, "rejected", "dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
+                     renamed={"message": "detail"})
 
 # The limiter's name for `[limits] per_ip`: a window of its own, apart from
 # any dialect's.
@@ -103,6 +106,8 @@ class Ingest:
         self.dialect = dialect
         self.endpoint = endpoint
         self.services = services
+        # This route's child of the duration histogram, bound once.
+        self.timer = services.metrics.timer(dialect.name, endpoint.name)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["method"] == "OPTIONS":
@@ -141,7 +146,7 @@ class Ingest:
             route._log_rejected(request, result, reply)
         await _send(send, reply, Cors.headers(headers.get("origin")))
         await reader.drain()
-        services.metrics.observe(route.dialect.name, time.perf_counter() - started)
+        route.timer.observe(time.perf_counter() - started)
 
     def _render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         try:
@@ -289,6 +294,10 @@ class Ingest:
             return Failure(kind="unstorable", message="the database refused this data")
         await services.dedup.remember(written.new_keys)
         self._count(batch, written.new_keys, records)
+        # What the storage refused inside its transaction (alias conflicts,
+        # profile type mismatches and size), counted as the dialect's.
+        for reason in written.refused:
+            services.metrics.rejection(source, reason)
         return Outcome(
             inserted=written.inserted,
             duplicates=skipped + written.duplicates,
@@ -310,12 +319,8 @@ class Ingest:
     def _log_rejected(self, request: Incoming, failure: Failure, reply: Reply) -> None:
         self.services.metrics.rejection(self.dialect.name, failure.kind)
         # Never the credentials or the body: the dialect's message names fields only.
-        logs.info(
-            log,
-            "rejected dialect=%s endpoint=%s status=%d reason=%s ip=%s message=%r",
-            self.dialect.name, request.endpoint, reply.status, failure.kind,
-            request.client_ip, failure.message[:200],
-        )
+        REJECTED(self.dialect.name, request.endpoint, reply.status, failure.kind, request.client_ip,
+                 failure.message[:200])
 
 
 INTERNAL = Failure(kind="internal", message="internal error")

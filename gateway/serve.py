@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gateway import logs
+from gateway import logs, metrics
 from gateway.server import Limits, Listener, serve
 
 log = logging.getLogger("dialgate")
@@ -215,9 +215,12 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float,
     # takes it once it can reload, see `run_one`); here it is counted
     # and passed on once they all run.
     hold_hangup()
+    # The workers' metric files, one directory for the run (gateway.metrics).
+    directory = metrics.fresh_directory()
+    env = {**os.environ, metrics.MULTIPROC_ENV: directory}
     try:
         for _ in range(workers):
-            children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())]))
+            children.append(subprocess.Popen([*argv, "--parent", str(os.getpid())], env=env))
         release_hangup()
         failed = False
         logged = 0
@@ -247,11 +250,13 @@ def supervise(argv: Sequence[str], workers: int, *, graceful_timeout: float,
                 log.error("worker %d did not stop in time; killing it", child.pid)
                 child.kill()
                 child.wait()
+            metrics.worker_exited(child.pid, directory)
         if failed or any(child.returncode != 0 for child in children):
             return 1
         return 0
     finally:
         release_hangup()
+        metrics.remove_directory(directory)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from gateway.model import Event, Record, Rejection
@@ -58,8 +59,11 @@ _LANE_BACKLOG = 1000
 class GroupCommit:
     """A sink (storage.sink.Sink) made of a store and the shared group commit."""
 
-    def __init__(self, store: Store, options: SinkOptions, *, expiry: QuarantineExpiry | None = None) -> None:
+    def __init__(self, store: Store, options: SinkOptions, *, expiry: QuarantineExpiry | None = None,
+                 on_commit: Callable[[float], None] | None = None) -> None:
         self._store = store
+        # Told the seconds each committed transaction took (the gateway's metrics).
+        self._on_commit = on_commit
         self._max_rows = options.max_rows
         self._delay = options.delay_ms / 1000.0
         # Rows queued or being written, all lanes: past this, submit refuses.
@@ -95,6 +99,11 @@ class GroupCommit:
             await task
         self._tasks = []
         await self._store.close()
+
+    @property
+    def backlog(self) -> int:
+        """Rows (records and rejections) queued or being written, all lanes."""
+        return sum(self._load)
 
     def _enqueue(self, pending: Pending) -> None:
         if not pending.records or any(type(r) is not Event and not is_touch(r) for r in pending.records):
@@ -137,7 +146,7 @@ class GroupCommit:
 
     def _over_backlog(self, rows: int) -> bool:
         # A request alone is always taken, however large: it must fit somewhere.
-        backlog = sum(self._load)
+        backlog = self.backlog
         return backlog > 0 and backlog + rows > self._max_backlog
 
     async def _run(self, lane: int) -> None:
@@ -168,6 +177,7 @@ class GroupCommit:
                 self._load[lane] -= rows
 
     async def _flush(self, group: list[Pending], lane: int = 0, *, retried: bool = False) -> None:
+        started = time.perf_counter()
         try:
             results = await self._store.write(group, lane)
         except Exception as exc:
@@ -205,6 +215,8 @@ class GroupCommit:
             for pending in group:
                 await self._flush([pending], lane)
             return
+        if self._on_commit is not None:
+            self._on_commit(time.perf_counter() - started)
         for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(written)

@@ -27,9 +27,11 @@ def open_sink(
     *,
     clock: Callable[[], int],
     admit: Callable[[Rejection], bool] = _admit_all,
+    on_commit: Callable[[float], None] | None = None,
 ) -> Sink:
     """A sink, not yet started. `clock` stamps what the sink writes (ms);
-    `admit` samples the rejections found while writing into the quarantine."""
+    `admit` samples the rejections found while writing into the quarantine;
+    `on_commit` is told the seconds each committed transaction took."""
     if kind is SinkKind.DATABASE:
         backend = backend_of(str(engine.url))
         store: Store
@@ -40,5 +42,5 @@ def open_sink(
         else:
             assert_never(backend)
         expiry = QuarantineExpiry(engine, options.keep_days, clock) if options.keep_days > 0 else None
-        return GroupCommit(store, options, expiry=expiry)
+        return GroupCommit(store, options, expiry=expiry, on_commit=on_commit)
     assert_never(kind)

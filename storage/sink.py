@@ -29,12 +29,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.model import AliasOutcome, Record, Rejection
 
 __all__ = [
-    "Backlogged", "Sink", "SinkKind", "SinkOptions", "StorageUnavailable", "Unstorable", "Written",
+    "Backlogged", "Queueing", "Sink", "SinkKind", "SinkOptions", "StorageUnavailable", "Unstorable", "Written",
 ]
 
 
@@ -54,7 +54,7 @@ class Unstorable(Exception):
 class Written:
     """What one request's records did, as counted inside the transaction."""
 
-    __slots__ = ("inserted", "duplicates", "applied", "aliases", "new_keys")
+    __slots__ = ("inserted", "duplicates", "applied", "aliases", "new_keys", "refused")
 
     def __init__(self) -> None:
         self.inserted = 0
@@ -63,6 +63,10 @@ class Written:
         self.aliases: list[AliasOutcome] = []
         # (project, source, insert_id) of the events this request stored.
         self.new_keys: list[tuple[str, str, str]] = []
+        # The reason of each record of this request the transaction refused
+        # (quarantined, or, for a strict alias, answered to the client):
+        # decided here, counted by the pipeline. Shared while empty.
+        self.refused: Sequence[str] = ()
 
 
 class Sink(Protocol):
@@ -73,6 +77,15 @@ class Sink(Protocol):
     async def submit(self, records: list[Record], rejections: Sequence[Rejection] = ()) -> Written: ...
 
     def quarantine(self, rejections: list[Rejection]) -> None: ...
+
+
+@runtime_checkable
+class Queueing(Protocol):
+    """A sink that can say how much it holds: the rows (records and
+    rejections) queued or being written in this process (for the metrics)."""
+
+    @property
+    def backlog(self) -> int: ...
 
 
 class SinkKind(enum.Enum):

@@ -34,6 +34,8 @@ InsertEvents = Callable[[list[Event]], Awaitable[set[tuple[str, str, str]] | Non
 
 # Seconds of profile work between two chances for the event loop.
 _SLICE = 0.005
+# Alias outcomes that link nothing: quarantined (or, strict, refused) as `alias_<outcome>`.
+REFUSED_ALIASES = ("conflict", "cycle")
 
 
 class Transaction:
@@ -101,6 +103,8 @@ class Transaction:
             # Under the lock, so what is read stays true until commit.
             await self.prefetch(group)
             for pending, written in zip(group, results, strict=False):  # one Written per request (hot path)
+                before = len(self.rejections)
+                refused: list[str] = []
                 for record in pending.records:
                     kind = type(record)
                     if kind is ProfileUpdate:
@@ -108,13 +112,19 @@ class Transaction:
                         await self.profile(record)  # type: ignore[arg-type]
                         written.applied += 1
                     elif kind is Alias:
-                        written.aliases.append(await self.alias(record))  # type: ignore[arg-type]
+                        outcome = await self.alias(record)  # type: ignore[arg-type]
+                        written.aliases.append(outcome)
+                        if outcome in REFUSED_ALIASES and record.strict:  # type: ignore[union-attr]
+                            # Answered to the client, not quarantined: counted all the same.
+                            refused.append(f"alias_{outcome}")
                     elif kind is Device:
                         self.devices.add(record)  # type: ignore[arg-type]
                     elif kind is GroupUpdate:
                         assert self.groups is not None  # made by prefetch
                         await self.groups.apply(record)  # type: ignore[arg-type]
                         written.applied += 1
+                if refused or len(self.rejections) > before:
+                    written.refused = [*(r.reason for r in self.rejections[before:]), *refused]
             await self.save_profiles()
             await self.devices.save(self)
             if self.groups is not None:
@@ -301,7 +311,7 @@ class Transaction:
             outcome = "cycle"
         else:
             outcome = "linked"
-        if outcome in ("conflict", "cycle"):
+        if outcome in REFUSED_ALIASES:
             if not record.strict:
                 self.rejections.append(
                     Rejection(

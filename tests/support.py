@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -235,3 +239,84 @@ class OwnRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children (Linux /proc)."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
+@contextlib.contextmanager
+def dialgate_serve(config: str, port: int, *, workers: int = 1, stderr: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`dialgate serve --config CONFIG` as a process of its own, serving on
+    `port` (as CONFIG says) with `workers` worker processes (1: none); its
+    stderr into the file `stderr`. Stopped with SIGTERM (and waited for) on
+    leaving."""
+    binary = Path(sys.executable).parent / "dialgate"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIALGATE_")}
+    with open(stderr, "wb") as err:
+        process = subprocess.Popen([str(binary), "serve", "--config", config], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        # Generous: workers start slowly on a busy machine.
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError("dialgate serve exited: " + Path(stderr).read_text())
+            try:
+                up = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                up = False
+            if up and (workers == 1 or len(children_of(process.pid)) == workers):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("dialgate serve did not come up: " + Path(stderr).read_text())
+            time.sleep(0.1)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+
+def _toml(value: Any) -> str:
+    """A TOML value of the few kinds test configs hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return msgspec.json.encode(value).decode()  # a JSON string is a TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def config_file(path: Path, backend: dict[str, str], port: int, **sections: dict[str, Any]) -> str:
+    """A TOML file at `path` for `dialgate serve` on `port`: the backend's
+    storage and Redis, the admin key, PROJECTS, and `sections` (their keys
+    added to the tables of the same name)."""
+    tables: dict[str, dict[str, Any]] = {
+        "server": {"bind": f"127.0.0.1:{port}"},
+        "storage": {"url": backend["storage_url"]},
+        "redis": {"url": backend["redis_url"], "key_prefix": backend["redis_prefix"]},
+        "admin": {"keys": [ADMIN_KEY]},
+    }
+    for name, values in sections.items():
+        tables[name] = {**tables.get(name, {}), **values}
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
+                   for name, values in tables.items())
+    text += "".join("[[projects]]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in project.items()) + "\n"
+                    for project in PROJECTS)
+    path.write_text(text, encoding="utf-8")
+    return str(path)

@@ -113,7 +113,8 @@ async def test_health_readiness_and_metrics(backend) -> None:
         assert 'dialgate_events_stored_total{dialect="cohorly",project="shop"} 1' in text
         assert 'dialgate_events_deduplicated_total{dialect="cohorly",project="shop"} 2' in text
         assert 'dialgate_rejections_total{dialect="cohorly",reason="unauthorized"} 1' in text
-        assert 'dialgate_request_duration_seconds_count{dialect="cohorly"} 2' in text
+        assert 'dialgate_request_duration_seconds_count{dialect="cohorly",endpoint="track"} 2.0' in text
+        assert text.startswith("# HELP") and "process_cpu_seconds_total" in text
 
 
 # -- malformed queries, odd ids, faults ------------------------------------------

@@ -93,6 +93,10 @@ def test_unknown_key_is_refused_with_its_path(raw: dict[str, Any], path: str) ->
         ({"dialects": {"cohorly": {"enabled": [1]}}}, "dialects.cohorly.enabled"),
         ({"dialects": {"cohorly": {"rate_limit": {"requests": "lots", "per_seconds": 1}}}},
          "dialects.cohorly.rate_limit.requests"),
+        ({"logging": {"format": "xml"}}, "logging.format"),
+        ({"logging": {"level": "loud"}}, "logging.level"),
+        ({"logging": {"level": "INFO"}}, "logging.level"),  # the names are lower case, as DESIGN.md's
+        ({"logging": {"access_log": "sometimes"}}, "logging.access_log"),
     ],
 )
 def test_wrong_type_names_the_key_path(raw: dict[str, Any], path: str) -> None:
@@ -197,3 +201,9 @@ def test_load_uses_the_process_environment_by_default(tmp_path: Path, monkeypatc
     monkeypatch.setenv("DIALGATE_SERVER__WORKERS", "3")
     assert load(path).server.workers == 3
     assert load(path, environ={}).server.workers == 2
+
+
+def test_logging_from_the_environment() -> None:
+    settings = from_dict({}, {"DIALGATE_LOGGING__FORMAT": "json", "DIALGATE_LOGGING__ACCESS_LOG": "true",
+                              "DIALGATE_LOGGING__LEVEL": "warning"})
+    assert (settings.logging.format, settings.logging.level, settings.logging.access_log) == ("json", "warning", True)

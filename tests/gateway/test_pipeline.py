@@ -340,10 +340,11 @@ async def test_events_are_counted_under_their_own_project(backend: dict[str, str
     assert metrics["dialgate_events_stored_total" + cohorly_blog] == 1
     assert metrics["dialgate_events_deduplicated_total" + cohorly_blog] == 1
     assert metrics['dialgate_events_stored_total{dialect="inslytic",project="shop"}'] == 2
-    assert 'dialgate_events_deduplicated_total{dialect="inslytic",project="shop"}' not in metrics
+    # A (dialect, project) seen has all three series, zero included.
+    assert metrics['dialgate_events_deduplicated_total{dialect="inslytic",project="shop"}'] == 0
     assert metrics['dialgate_rejections_total{dialect="cohorly",reason="unauthorized"}'] == 1
-    assert metrics['dialgate_request_duration_seconds_count{dialect="cohorly"}'] == 3
-    assert metrics['dialgate_request_duration_seconds_count{dialect="inslytic"}'] == 1
+    assert metrics['dialgate_request_duration_seconds_count{dialect="cohorly",endpoint="track"}'] == 3
+    assert metrics['dialgate_request_duration_seconds_count{dialect="inslytic",endpoint="ingest"}'] == 1
 
 
 # -- 2. the whole body within server.read_timeout -----------------------------------------

@@ -96,7 +96,7 @@ max_body_bytes = 1000
             assert 'dialgate_events_received_total{dialect="echo",project="shop"} 3' in metrics
             assert 'dialgate_events_stored_total{dialect="echo",project="shop"} 2' in metrics
             assert 'dialgate_rejections_total{dialect="echo",reason="unauthorized"} 1' in metrics
-            assert '_bucket{dialect="echo",le="+Inf"} 4' in metrics
+            assert '_bucket{dialect="echo",endpoint="echo",le="+Inf"} 4.0' in metrics
     finally:
         process.terminate()
         process.wait(timeout=15)
