@@ -30,7 +30,7 @@ class Probes:
     def __init__(self, metrics: Metrics, *, sink: Any, engine: Any, redis: RedisLink | None) -> None:
         self._metrics = metrics
         self._sink = sink
-        self._pool = engine.sync_engine.pool
+        self._engine = engine
         self._redis = redis
         # The process's own figures, to copy into per-worker gauges (see
         # gateway.metrics); one process alone has the collector registered.
@@ -41,7 +41,8 @@ class Probes:
         metrics = self._metrics
         if isinstance(self._sink, Queueing):
             metrics.backlog.set(self._sink.backlog)
-        pool = self._pool
+        # Read each time: disposing of an engine gives it a new pool.
+        pool = self._engine.sync_engine.pool
         if isinstance(pool, QueuePool):
             metrics.pool_checked_out.set(pool.checkedout())
             metrics.pool_size.set(pool.size())
