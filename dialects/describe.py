@@ -67,7 +67,8 @@ class Body(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
-    """A status with its body, one schema per media type (none: no body)."""
+    """A status with its body, one type per media type (none: no body; a
+    tuple of types: any of them)."""
 
     status: int
     description: str

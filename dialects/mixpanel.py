@@ -45,7 +45,9 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
+from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
+from dialects.mixpanel_openapi import DESCRIPTION
 from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, verbose
 from gateway.model import Record, Rejection
 
@@ -110,6 +112,9 @@ class Mixpanel(Dialect):
 
     def ip_limit(self) -> SlidingWindow | None:
         return self.config.rate_limit
+
+    def describe(self) -> Description:
+        return DESCRIPTION
 
     def precheck(self, request: Incoming) -> Failure | None:
         """On /import, a Basic credential that names no project is refused

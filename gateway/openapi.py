@@ -109,7 +109,8 @@ def _types(operations: Iterable[Operation]) -> tuple[Any, ...]:
             found.setdefault(_key(body.type), body.type)
         for answer in operation.answers:
             for _, type_ in answer.bodies:
-                found.setdefault(_key(type_), type_)
+                for one in type_ if isinstance(type_, tuple) else (type_,):
+                    found.setdefault(_key(one), one)
     return tuple(found.values())
 
 
@@ -159,8 +160,16 @@ def _answer(answer: Answer, schemas: dict[str, Any]) -> dict[str, Any]:
     if headers:
         out["headers"] = headers
     if answer.bodies:
-        out["content"] = {media_type: {"schema": schemas[_key(type_)]} for media_type, type_ in answer.bodies}
+        out["content"] = {media_type: {"schema": _schema(type_, schemas)} for media_type, type_ in answer.bodies}
     return out
+
+
+def _schema(type_: Any, schemas: dict[str, Any]) -> dict[str, Any]:
+    """A type's schema; a tuple of types: any of theirs (Structs msgspec
+    will not put in one untagged union)."""
+    if isinstance(type_, tuple):
+        return {"anyOf": [schemas[_key(one)] for one in type_]}
+    return dict(schemas[_key(type_)])
 
 
 def _scheme(auth: Auth) -> dict[str, Any] | None:

@@ -73,10 +73,16 @@ def _headers(operation: Any, doc: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-@pytest.mark.parametrize("dialect", ["cohorly", "inslytic", "client", "collect"])
+@pytest.mark.parametrize("dialect", ["cohorly", "inslytic", "client", "collect", "mixpanel"])
 def test_the_gateway_keeps_its_documents(sqlite_backend: dict[str, str], dialect: str) -> None:
     started = time.monotonic()
-    with live_server(settings_for(sqlite_backend, dialects=UNLIMITED)) as url:
+    dialects: dict[str, Any] = dict(UNLIMITED)
+    if dialect == "mixpanel":
+        # Alone on the paths it shares with Cohorly: there, a request carrying
+        # no Mixpanel token is Cohorly's (as the document says), and Cohorly's
+        # answers are checked against Cohorly's document.
+        dialects["cohorly"] = {"enabled": False}
+    with live_server(settings_for(sqlite_backend, dialects=dialects)) as url:
         served = httpx.get(f"{url}/openapi/{dialect}.json")
         assert served.status_code == 200
         doc = fill(served.json(), CREDENTIALS)
@@ -92,12 +98,21 @@ def test_the_gateway_keeps_its_documents(sqlite_backend: dict[str, str], dialect
                 modes.append((schemathesis.GenerationMode.NEGATIVE, NEGATIVE))
             for mode, examples in modes:
                 statuses: Counter[int] = Counter()
+                began = time.monotonic()
                 _run(operation, mode, examples, url, session, headers, statuses)
-                print(f"{operation.label} {mode.value}: {dict(sorted(statuses.items()))}")
-                if mode == schemathesis.GenerationMode.POSITIVE:
+                print(f"{operation.label} {mode.value}: {dict(sorted(statuses.items()))} "
+                      f"{time.monotonic() - began:.1f} s")
+                if mode == schemathesis.GenerationMode.POSITIVE and _takes_json(raw):
                     # Valid requests with valid credentials get through to storage.
+                    # (Not asked of `?data=` and forms: schemathesis does not
+                    # write a string's `contentSchema`, the records inside it.)
                     assert any(200 <= status < 300 for status in statuses), (operation.label, statuses)
     print(f"{dialect}: {time.monotonic() - started:.1f} s")
+
+
+def _takes_json(operation: dict[str, Any]) -> bool:
+    return "application/json" in operation.get("requestBody", {}).get("content", {}) or not (
+        operation.get("requestBody") or operation.get("parameters"))
 
 
 def _run(operation: Any, mode: Any, examples: int, url: str, session: requests.Session,
