@@ -62,8 +62,6 @@ class Body(msgspec.Struct, frozen=True, kw_only=True):
     media_types: tuple[str, ...]
     type: Any
     description: str = ""
-    # For a form: its fields' encodings (OpenAPI's Encoding object), by field.
-    encoding: dict[str, dict[str, str]] = {}
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):

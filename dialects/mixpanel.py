@@ -48,7 +48,7 @@ from dialects.base import (
 from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
 from dialects.mixpanel_openapi import DESCRIPTION
-from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, verbose
+from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, strict, verbose
 from gateway.model import Record, Rejection
 
 MB = 1024 * 1024
@@ -282,8 +282,7 @@ class Mixpanel(Dialect):
     def _import_shaped(self, request: Incoming) -> bool:
         """/import's own JSON answers: to a JSON body, to `strict=1`, and
         before the body is known; the legacy encoding gets /track's."""
-        query = dict(request.query)
-        if flag(query, "strict"):
+        if strict(request):
             return True
         if request.method == "GET":
             return False
@@ -308,7 +307,7 @@ class Mixpanel(Dialect):
     def _failed_records(self, request: Incoming) -> list[dict[str, Any]]:
         """With `strict=1`, the invalid records of a request that was
         stored (translation again: only on this path, and pure)."""
-        if not flag(dict(request.query), "strict"):
+        if not strict(request):
             return []
         try:
             wire = decode(request)

@@ -150,9 +150,18 @@ GZIP = Param(name="Content-Encoding", where="header", type=Literal["gzip"],
 
 
 class Form(msgspec.Struct, kw_only=True):
-    data: str
+    """A form (also sent as text/plain, as sendBeacon does); other fields
+    are parameters like the query's."""
+
+    data: Annotated[str, Meta(description="the records as JSON, or standard base64 of the JSON")]
     verbose: Literal["0", "1"] | UnsetType = UNSET
     ip: Literal["0", "1"] | UnsetType = UNSET
+
+
+class ImportForm(Form, kw_only=True):
+    api_key: Annotated[str, Meta(description="a project secret (`mixpanel_secrets`), instead of Basic",
+                                 extra_json_schema={CREDENTIAL_KEY: "mixpanel_secrets"})] | UnsetType = UNSET
+    strict: Literal["0", "1"] | UnsetType = UNSET
 
 
 def _answers(import_: bool) -> tuple[Answer, ...]:
@@ -176,13 +185,9 @@ def _answers(import_: bool) -> tuple[Answer, ...]:
 def _operations(endpoint: str, summary: str, record: Any, import_: bool = False) -> tuple[Operation, ...]:
     params = FLAGS + (IMPORT_PARAMS if import_ else ())
     auth = ("basic", "apiKeyQuery") if import_ else ("tokenInBody",)
-    if import_:
-        params += (Param(name="api_key", description="a project secret (`mixpanel_secrets`), instead of Basic"),)
     text = ("Answers in /import's JSON shape to a JSON body or `strict=1`; to `data=` as /track does. "
             if import_ else "")
-    form = Form if not import_ else msgspec.defstruct("ImportForm", [("data", str), ("api_key", str, UNSET)],
-                                                      bases=(Form,), kw_only=True)
-    form_fields = {"data": {"contentType": "application/json"}}
+    form = ImportForm if import_ else Form
     gzip = (GZIP,) if endpoint in ("track", "import") else ()
     return (
         Operation(
@@ -198,7 +203,7 @@ def _operations(endpoint: str, summary: str, record: Any, import_: bool = False)
                 Body(media_types=("application/json",), type=_records(record),
                      description="A JSON body: a record or an array (NDJSON too on /import), whatever the "
                                  "Content-Type says."),
-                Body(media_types=("application/x-www-form-urlencoded",), type=form, encoding=form_fields,
+                Body(media_types=("application/x-www-form-urlencoded",), type=form,
                      description="A form: `data` holds the records as JSON or base64 (also sent as text/plain "
                                  "by sendBeacon)."),
             ),

@@ -132,10 +132,7 @@ def _operation(dialect: str, path: str, operation: Operation, schemas: dict[str,
         content: dict[str, Any] = {}
         for body in operation.bodies:
             for media_type in body.media_types:
-                entry: dict[str, Any] = {"schema": schemas[_key(body.type)]}
-                if body.encoding:
-                    entry["encoding"] = body.encoding
-                content[media_type] = entry
+                content[media_type] = {"schema": schemas[_key(body.type)]}
         description = " ".join(b.description for b in operation.bodies if b.description)
         item["requestBody"] = {"required": operation.body_required, "content": content,
                                **({"description": description} if description else {})}
