@@ -25,7 +25,9 @@ Everything vendor-specific is declared by the dialect, never spelled in
 (`credential_lists`: key names are the contract), the per-project options it
 reads (`project_fields`, with their types and constraints), its
 `[dialects.<name>]` table (`Config`), the request headers browsers must be
-allowed to send (`cors_headers`) and its error shapes (`render`).
+allowed to send (`cors_headers`), its error shapes (`render`) and the
+description of all of it its OpenAPI document is made from (`describe`,
+`dialects.describe`).
 
 Dialects are found through the `dialgate.dialects` entry-point group (the
 shipped ones too): an entry point named like the dialect, pointing at its
@@ -41,6 +43,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from dialects.describe import Description
 from gateway.model import AliasOutcome, Record, Rejection
 
 FailureKind = Literal[
@@ -223,6 +226,11 @@ class Dialect:
 
     def render(self, request: Incoming, result: Outcome | Failure) -> Reply:
         raise NotImplementedError
+
+    def describe(self) -> Description | None:
+        """Its endpoints, bodies, credentials and answers, for its OpenAPI
+        document (`gateway.openapi`); None: no document is served."""
+        return None
 
 
 def json_reply(status: int, payload: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:

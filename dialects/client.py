@@ -33,6 +33,7 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
+from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, load_json
 from dialects.problems import Checked, Problems, check
 from gateway.model import Alias, Device, Event, ProfileUpdate, Record
@@ -169,6 +170,11 @@ class Client(BearerDialect):
             Endpoint(path=f"/api/client/{name}", name=name, max_body=limit)
             for name in ("alias", "identify", "devices", "events")
         )
+
+    def describe(self) -> Description:
+        from dialects.client_openapi import DESCRIPTION  # it names this module's schemas
+
+        return DESCRIPTION
 
     def precheck(self, request: Incoming) -> Failure | None:
         if self._project(request) is None:

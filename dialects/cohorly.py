@@ -30,6 +30,8 @@ from dialects.base import (
     request_context,
 )
 from dialects.cohorly_answers import error
+from dialects.cohorly_openapi import DESCRIPTION
+from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, Shallow, TooDeep, deep_record, load_json
 from dialects.times import MAX_TIME_MS
 from gateway.model import MAX_INSERT_ID, Alias, Event, ProfileUpdate, Record
@@ -97,6 +99,9 @@ class Cohorly(Dialect):
 
     def ip_limit(self) -> SlidingWindow | None:
         return self.config.rate_limit
+
+    def describe(self) -> Description:
+        return DESCRIPTION
 
     def carried(self, request: Incoming) -> Iterable[Hashable]:
         """Each record's token (its own, else the header's), as translation

@@ -36,6 +36,8 @@ from dialects.base import (
     bearer,
     json_reply,
 )
+from dialects.collect_openapi import DESCRIPTION
+from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_record, deep_records, load_json
 from dialects.replay import credential_of, envelope, opened, request_for
 from dialects.times import MAX_TIME_MS, lenient_iso_ms
@@ -173,6 +175,9 @@ class Collect(Dialect):
                                       max_body=single, per_ip=False))
             endpoints.append(Endpoint(path=f"{prefix}/events/batch", name="batch", max_body=batch, per_ip=False))
         return endpoints
+
+    def describe(self) -> Description:
+        return DESCRIPTION
 
     def carried(self, request: Incoming) -> Iterable[Hashable]:
         query = dict(request.query)

@@ -30,6 +30,8 @@ from dialects.base import (
     json_reply,
     retry_after_headers,
 )
+from dialects.describe import Description
+from dialects.inslytic_openapi import DESCRIPTION
 from dialects.limits import MAX_PROBLEMS, TOO_DEEP, NotJson, TooDeep, deep_record, load_json
 from dialects.problems import Problems
 from dialects.times import iso8601_ms
@@ -75,6 +77,9 @@ class Inslytic(BearerDialect):
             Endpoint(path="/v1/ingest", name="ingest", max_body=self.config.max_body_bytes),
             Endpoint(path="/health", name="health", methods=("GET",), max_body=0, per_ip=False),
         )
+
+    def describe(self) -> Description:
+        return DESCRIPTION
 
     def project_limit(self, project: str) -> TokenBucket | None:
         override = self.project_options.get(project, {}).get("inslytic_events_per_minute")

@@ -45,8 +45,10 @@ from dialects.base import (
     request_context,
     retry_after_headers,
 )
+from dialects.describe import Description
 from dialects.limits import TOO_DEEP, NotJson, TooDeep, deep_records
-from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, verbose
+from dialects.mixpanel_openapi import DESCRIPTION
+from dialects.mixpanel_wire import NoData, Wire, carried_tokens, decode, flag, is_json_body, strict, verbose
 from dialects.replay import credential_of, envelope, opened, request_for
 from gateway.model import Record, Rejection
 
@@ -111,6 +113,9 @@ class Mixpanel(Dialect):
 
     def ip_limit(self) -> SlidingWindow | None:
         return self.config.rate_limit
+
+    def describe(self) -> Description:
+        return DESCRIPTION
 
     def precheck(self, request: Incoming) -> Failure | None:
         """On /import, a Basic credential that names no project is refused
@@ -288,8 +293,7 @@ class Mixpanel(Dialect):
     def _import_shaped(self, request: Incoming) -> bool:
         """/import's own JSON answers: to a JSON body, to `strict=1`, and
         before the body is known; the legacy encoding gets /track's."""
-        query = dict(request.query)
-        if flag(query, "strict"):
+        if strict(request):
             return True
         if request.method == "GET":
             return False
@@ -314,7 +318,7 @@ class Mixpanel(Dialect):
     def _failed_records(self, request: Incoming) -> list[dict[str, Any]]:
         """With `strict=1`, the invalid records of a request that was
         stored (translation again: only on this path, and pure)."""
-        if not flag(dict(request.query), "strict"):
+        if not strict(request):
             return []
         try:
             wire = decode(request)

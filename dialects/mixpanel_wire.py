@@ -175,16 +175,29 @@ def flag(params: dict[str, str], name: str, default: bool = False) -> bool:
 
 def verbose(request: Incoming) -> bool:
     """Whether the answer is JSON (`verbose` truthy, in the query or a form
-    field). Found without decoding the body: a form's `data` (base64 or
-    URL-encoded JSON) never holds `&verbose=`."""
-    value = query_params(request).get("verbose")
-    if value is None and request.method == "POST" and not is_json_body(request.body):
-        body = request.body
-        at = 0 if body.startswith(b"verbose=") else body.find(b"&verbose=") + 1
-        if at > 0 or body.startswith(b"verbose="):
-            end = body.find(b"&", at)
-            value = body[at + 8: end if end >= 0 else len(body)].decode("latin-1")
+    field)."""
+    value = param(request, "verbose")
     return value is not None and value not in _OFF
+
+
+def strict(request: Incoming) -> bool:
+    """`strict` truthy, in the query or a form field (as `decode` reads it)."""
+    value = param(request, "strict")
+    return value is not None and value not in _OFF
+
+
+def param(request: Incoming, name: str) -> str | None:
+    """A parameter from the query, else a form field, found without
+    decoding the body: a form's `data` (base64 or URL-encoded JSON) never
+    holds `&<name>=`."""
+    value = query_params(request).get(name)
+    if value is None and request.method == "POST" and not is_json_body(request.body):
+        body, key = request.body, name.encode() + b"="
+        at = 0 if body.startswith(key) else body.find(b"&" + key) + 1
+        if at > 0 or body.startswith(key):
+            end = body.find(b"&", at)
+            value = body[at + len(key): end if end >= 0 else len(body)].decode("latin-1")
+    return value
 
 
 class _Props(msgspec.Struct):

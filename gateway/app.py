@@ -19,6 +19,7 @@ from gateway.config import Settings, lookups_for, project_options
 from gateway.dedup import Dedup
 from gateway.http import ClientAddress, Cors
 from gateway.metrics import Metrics
+from gateway.openapi import routes as openapi_routes
 from gateway.pipeline import Ingest, Services
 from gateway.probes import Probes
 from gateway.quarantine import Sampler
@@ -71,6 +72,8 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         admin_app.router.redirect_slashes = False
         admin_app = AdminLog(admin_app)
         routes = [admin.health_route()]
+    # The dialects' API descriptions are public, like the APIs themselves.
+    routes += openapi_routes(settings)
     should_migrate = settings.storage.migrate_on_start if migrate is None else migrate
     sink_options = SinkOptions(
         max_rows=settings.storage.batch_max_rows,

@@ -226,6 +226,22 @@ async def test_import_credentials_answers_and_strict(backend) -> None:
         assert [r["reason"] for r in await rejections_of(client, source="mixpanel")] == ["invalid"]
 
 
+async def test_import_strict_as_a_form_field_reports_what_it_does_not_store(backend) -> None:
+    # Regression (found writing the OpenAPI document): `strict=1` in the form
+    # made translation keep invalid records for the answer, but the answer
+    # read `strict` from the query only: 200 `1`, and the record neither
+    # listed nor quarantined.
+    async with gateway(settings_for(backend)) as client:
+        rows = [ev("Kept", **{"$insert_id": "f-1"}), ev("", **{"$insert_id": "f-2"})]
+        body = urlencode({"data": json.dumps(rows), "strict": "1"})
+        reply = await client.post("/import", content=body, headers={**FORM, **basic("mps_shop")})
+        assert reply.status_code == 400
+        assert reply.json()["failed_records"] == [
+            {"index": 1, "$insert_id": "f-2", "field": "event", "message": "must be a non-empty string"}]
+        assert reply.json()["num_records_imported"] == 1
+        assert [e["name"] for e in await events_of(client)] == ["Kept"]
+
+
 async def test_cohorly_unchanged_on_shared_paths_and_mixed_credentials_refused(backend) -> None:
     async with gateway(settings_for(backend)) as client:
         cohorly = await client.post("/track", headers={"X-Cohorly-Token": "tok_shop"},
