@@ -1,4 +1,4 @@
-"""`dialgate serve | migrate | check-config`.
+"""`dialgate serve | migrate | check-config | export`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from gateway import logs
+from gateway import export_cli, logs
 from gateway.config import ConfigError, Settings, load
 
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file (as serve reads it) and exit")
     _config_option(check)
     check.add_argument("file", nargs="?", help="the file (same as --config)")
+    export_cli.add_parser(sub, _config_option)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from gateway.serve import die_with_parent, ignore_hangup
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
+    if args.command == "export":
+        return export_cli.run(settings, args)
     if args.command == "migrate":
         asyncio.run(_migrate(settings))
         print("database is at head")

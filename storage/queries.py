@@ -53,7 +53,11 @@ async def events(
     source: str | None,
     limit: int,
     after: int | None,
+    since: int | None = None,
+    until: int | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of events; `since` (included) and `until` (excluded) bound
+    their time (ms)."""
     e = tables.events
     async with engine.connect() as conn:
         query = select(e).where(e.c.project == project)
@@ -64,6 +68,10 @@ async def events(
             query = query.where(e.c.name == name)
         if source is not None:
             query = query.where(e.c.source == source)
+        if since is not None:
+            query = query.where(e.c.time >= since)
+        if until is not None:
+            query = query.where(e.c.time < until)
         if after is not None:
             query = query.where(e.c.id > after)
         rows = (await conn.execute(query.order_by(e.c.id).limit(limit + 1))).all()
