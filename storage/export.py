@@ -221,7 +221,7 @@ def _query(kind: Kind, project: str, span: Span, backend: Backend) -> Select[Any
         return (
             # The id as text (the admin API's opaque string), made by the database.
             select(*[_text(c) if c.name in ("id", "properties", "context") else c for c in e.columns])
-            .where(_project_is(backend, span, project), *span.where(e.c.time))
+            .where(project_is(backend, project, indexed=not span.open), *span.where(e.c.time))
             .order_by(e.c.id)
         )
     if kind is Kind.PROFILES:
@@ -243,11 +243,13 @@ def _text(column: Any) -> Any:
     return cast(column, Text).label(column.name)
 
 
-def _project_is(backend: Backend, span: Span, project: str) -> ColumnElement[bool]:
-    if backend is Backend.SQLITE and span.open:
+def project_is(backend: Backend, project: str, *, indexed: bool) -> ColumnElement[bool]:
+    """`events.project == project`; with `indexed` False, kept off the
+    indexes on SQLite for a walk in id order."""
+    if backend is Backend.SQLITE and not indexed:
         # Unary plus keeps SQLite off the (project, ...) indexes: without
-        # statistics it would take one and sort the project's rows before
-        # the first came out; walking the rowid order streams at once.
+        # statistics it would take one and sort all the project's rows
+        # before the first came out; walking the rowid order streams at once.
         return literal_column("+events.project", String) == project
     return tables.events.c.project == project
 
