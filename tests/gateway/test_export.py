@@ -196,6 +196,32 @@ async def test_a_database_failure_midway_cuts_the_http_stream(postgres_backend) 
             assert reply.status_code == 200 and len(reply.json()["events"]) == 1
 
 
+async def test_a_client_going_away_ends_the_export(postgres_backend) -> None:
+    await seed(postgres_backend["storage_url"], 30_000)
+    with live_server(settings_for(postgres_backend)) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            async with client.stream("GET", "/admin/v1/projects/shop/export", headers=ADMIN) as reply:
+                assert len(await anext(reply.aiter_raw())) > 0
+                assert await _exporting(_dsn(postgres_backend["storage_url"])) == 1
+            # Gone after one chunk: the statement ends, its connection is let go.
+            for _ in range(200):
+                if await _exporting(_dsn(postgres_backend["storage_url"])) == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _exporting(_dsn(postgres_backend["storage_url"])) == 0
+
+
+async def _exporting(dsn: str) -> int:
+    """Server processes inside the export's statement (not idle)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
+            "AND pid <> pg_backend_pid() AND query LIKE '%CAST(events.properties AS TEXT)%'"))
+    finally:
+        await conn.close()
+
+
 async def test_a_database_failure_midway_fails_the_cli(postgres_backend, tmp_path: Path) -> None:
     await seed(postgres_backend["storage_url"], 5000)
     config = config_file(tmp_path, postgres_backend)
