@@ -12,7 +12,10 @@ times each:
   and dropped, nothing decoded;
 - cli: `dialgate export --project shop -o /dev/null` (NDJSON), the whole
   process, start-up included;
-- in-process: `gateway.export.export` to /dev/null, without the start-up.
+- in-process: `gateway.export.export` to /dev/null, without the start-up;
+- cli - start: the cli's time less that of the same command exporting an
+  empty project (the interpreter's start, imports, connecting), measured
+  right after it: the export's own rate.
 Prints events/s (the median round) and each against the driver.
 """
 
@@ -105,8 +108,8 @@ async def in_process(url: str, out: BinaryIO) -> int:
         await engine.dispose()
 
 
-def cli(config: Path) -> int:
-    subprocess.run([sys.executable, "-m", "gateway.cli", "export", "--config", str(config), "--project", "shop",
+def cli(config: Path, project: str = "shop") -> int:
+    subprocess.run([sys.executable, "-m", "gateway.cli", "export", "--config", str(config), "--project", project,
                     "-o", os.devnull], check=True, cwd=ROOT)
     return -1
 
@@ -119,16 +122,20 @@ def timed(run: Callable[[], int]) -> float:
 
 def bench(url: str, n: int, rounds: int, folder: Path) -> None:
     config = folder / "bench.toml"
-    config.write_text(f'[storage]\nurl = "{url}"\n[[projects]]\nname = "shop"\ncohorly_tokens = ["tok"]\n')
+    config.write_text(f'[storage]\nurl = "{url}"\n[[projects]]\nname = "shop"\ncohorly_tokens = ["tok"]\n'
+                      '[[projects]]\nname = "empty"\ncohorly_tokens = ["tok2"]\n')
     start = time.perf_counter()
     asyncio.run(seed(url, n))
     print(f"  seeded {n:,} events in {time.perf_counter() - start:.1f} s")
     sql = plain_sql(url)
     print(f"  statement: {sql}".replace("\n", " "))
-    times: dict[str, list[float]] = {"driver": [], "cli": [], "in-process": []}
+    times: dict[str, list[float]] = {"driver": [], "cli": [], "in-process": [], "cli - start": []}
     for _ in range(rounds):
         times["driver"].append(timed(lambda: asyncio.run(driver_read(url, sql))))
         times["cli"].append(timed(lambda: cli(config)))
+        # The same process exporting an empty project: start-up, imports,
+        # connection, nothing read.
+        times["cli - start"].append(times["cli"][-1] - timed(lambda: cli(config, "empty")))
         with open(os.devnull, "wb") as out:
             times["in-process"].append(timed(lambda: asyncio.run(in_process(url, out))))
     base = n / statistics.median(times["driver"])
