@@ -21,8 +21,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.erasure import erase_person
+from gateway.export import ndjson_response
 from gateway.metrics import CONTENT_TYPE
+from gateway.timespan import span_of
 from storage import queries
+from storage.export import Kind, Span
 from storage.faults import is_unavailable
 
 log = logging.getLogger("dialgate")
@@ -33,7 +36,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 MAX_CURSOR = 2**63 - 1
 # Filters are ids, names, sources and reasons; ids are at most 1,024 bytes.
 MAX_FILTER_BYTES = 1024
-EVENT_PARAMS = frozenset({"distinct_id", "name", "source", "limit", "after"})
+EVENT_PARAMS = frozenset({"distinct_id", "name", "source", "limit", "after", "since", "until"})
+EXPORT_PARAMS = frozenset({"kind", "since", "until"})
 REJECTION_PARAMS = frozenset({"project", "source", "reason", "limit", "after"})
 
 
@@ -63,6 +67,7 @@ class Admin:
             Route("/admin/v1/projects/{project}/groups/{group_key}/{group_id:path}", self._guard(self.group),
                   methods=["GET"]),
             Route("/admin/v1/projects/{project}/people/{id:path}", self._guard(self.erase), methods=["DELETE"]),
+            Route("/admin/v1/projects/{project}/export", self._guard(self.export), methods=["GET"]),
             Route("/admin/v1/rejections", self._guard(self.rejections), methods=["GET"]),
             self.health_route(),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -116,12 +121,27 @@ class Admin:
             return refused
         q = _query(request, EVENT_PARAMS)
         limit, after = _paging(q)
+        span = _span(q)
         items, next_ = await queries.events(
             self._state.engine, project,
             distinct_id=q.get("distinct_id"), name=q.get("name"), source=q.get("source"),
-            limit=limit, after=after,
+            limit=limit, after=after, since=span.since, until=span.until,
         )
         return JSONResponse({"events": items, "next": next_})
+
+    async def export(self, request: Request) -> Response:
+        project = request.path_params["project"]
+        if (refused := self._check(request, project)) is not None:
+            return refused
+        q = _query(request, EXPORT_PARAMS)
+        try:
+            kind = Kind(q.get("kind", "events"))
+        except ValueError:
+            raise BadQuery(f"kind must be one of {', '.join(k.value for k in Kind)}") from None
+        span = _span(q)
+        if kind is not Kind.EVENTS and not span.open:
+            raise BadQuery("since/until select events; profiles, aliases and groups are exported whole")
+        return await ndjson_response(self._state.engine, project, kind, span)
 
     async def profile(self, request: Request) -> Response:
         project = request.path_params["project"]
@@ -214,6 +234,13 @@ def _query(request: Request, allowed: frozenset[str]) -> dict[str, str]:
             raise BadQuery(f"{name} longer than {MAX_FILTER_BYTES} bytes")
         found[name] = value.replace("\x00", "\ufffd")
     return found
+
+
+def _span(q: dict[str, str]) -> Span:
+    try:
+        return span_of(q.get("since"), q.get("until"))
+    except ValueError as exc:
+        raise BadQuery(str(exc)) from None
 
 
 def _paging(q: dict[str, str]) -> tuple[int, int | None]:

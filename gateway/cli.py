@@ -1,5 +1,5 @@
-"""`dialgate serve | migrate | check-config | reload | prune | erase | replay`,
-and `dialgate --version`.
+"""`dialgate serve | migrate | check-config | reload | export | prune | erase
+| replay`, and `dialgate --version`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 
-from gateway import logs, startup
+from gateway import export_cli, logs, startup
 from gateway.config import ConfigError, Settings, load
 
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file (as serve reads it) and exit")
     _config_option(check)
     check.add_argument("file", nargs="?", help="the file (same as --config)")
+    export_cli.add_parser(sub, _config_option)
     reload = sub.add_parser("reload", help="check the config file, then tell the running gateway to reload it")
     _config_option(reload)
     reload.add_argument("--pid", type=int, help="the gateway's pid (default: read from the pid file)")
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path or '(no file: defaults and environment)'}: ok ({len(settings.projects)} projects)")
         return 0
+    if args.command == "export":
+        return export_cli.run(settings, args)
     if args.command == "reload":
         return _reload(settings, args.pid, args.pid_file)
     if args.command in MAINTENANCE:

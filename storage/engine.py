@@ -45,6 +45,12 @@ def json_text(value: Any) -> str:
 JSON_CODEC = {"json_serializer": json_text, "json_deserializer": msgspec.json.decode}
 
 
+# Execution option of a connection that only reads, for a long time (export):
+# on SQLite its transaction is deferred (see _sqlite); elsewhere it changes
+# nothing.
+READER_OPTION = "dialgate_reader"
+
+
 def create_engine(url: str) -> AsyncEngine:
     backend = backend_of(url)
     if backend is Backend.SQLITE:
@@ -92,7 +98,10 @@ def _sqlite(url: str) -> AsyncEngine:
     def _on_begin(conn: Any) -> None:
         # Take the write lock up front so read-modify-write of profiles is
         # serialised across processes and never hits a deadlock on upgrade.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A long reader (export) asks for READER instead: a deferred
+        # transaction takes no lock, and WAL keeps its snapshot meanwhile.
+        reader = conn.get_execution_options().get(READER_OPTION, False)
+        conn.exec_driver_sql("BEGIN" if reader else "BEGIN IMMEDIATE")
 
     return engine
 

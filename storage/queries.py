@@ -8,6 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage import tables
+from storage.engine import backend_of
+from storage.export import project_is
 
 
 async def person_of(conn: AsyncConnection, project: str, id_: str) -> tuple[str, list[str]]:
@@ -53,10 +55,16 @@ async def events(
     source: str | None,
     limit: int,
     after: int | None,
+    since: int | None = None,
+    until: int | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of events; `since` (included) and `until` (excluded) bound
+    their time (ms)."""
     e = tables.events
+    # A page walks the ids unless a filter has an index of its own.
+    indexed = distinct_id is not None or since is not None or until is not None
     async with engine.connect() as conn:
-        query = select(e).where(e.c.project == project)
+        query = select(e).where(project_is(backend_of(str(engine.url)), project, indexed=indexed))
         if distinct_id is not None:
             _, ids = await person_of(conn, project, distinct_id)
             query = query.where(e.c.distinct_id.in_(ids))
@@ -64,6 +72,10 @@ async def events(
             query = query.where(e.c.name == name)
         if source is not None:
             query = query.where(e.c.source == source)
+        if since is not None:
+            query = query.where(e.c.time >= since)
+        if until is not None:
+            query = query.where(e.c.time < until)
         if after is not None:
             query = query.where(e.c.id > after)
         rows = (await conn.execute(query.order_by(e.c.id).limit(limit + 1))).all()

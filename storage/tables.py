@@ -49,6 +49,8 @@ events = Table(
     # The authority on duplicates; NULL insert ids never conflict.
     UniqueConstraint("project", "source", "insert_id"),
     Index(None, "project", "distinct_id"),
+    # Time ranges (admin `since`/`until`, export); migration 0004.
+    Index(None, "project", "time"),
 )
 
 # One row per id that has been linked to a person. `person` is the root of its
