@@ -3,7 +3,7 @@
 gateways claim once-a-day maintenance.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-06
 """
 
