@@ -173,7 +173,9 @@ class NatsCluster:
             running = [n for n in self.nodes if n.alive]
             leaders = {n.meta_leader() for n in running}
             names = {n.name for n in running}
-            if len(leaders) == 1 and leaders <= names and all(n.healthy() for n in running):
+            # A lone server has no meta group to wait for.
+            agreed = len(self.nodes) == 1 or (len(leaders) == 1 and leaders <= names)
+            if agreed and all(n.healthy() for n in running):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 tails = "\n".join(f"--- {n.name} (alive={n.alive})\n{n.log_tail(1500)}" for n in self.nodes)
@@ -192,21 +194,35 @@ class NatsCluster:
         node.start()
         return self.wait_ready(timeout)
 
-    def stream_leader(self, stream: str) -> int | None:
-        """Index of the node leading `stream`'s replica group, if one does."""
+    def _stream_details(self, stream: str) -> list[tuple[NatsNode, dict[str, Any]]]:
+        """Each running node's view of `stream` (with its consumers)."""
+        found = []
         for node in self.nodes:
             if not node.alive:
                 continue
-            status, body = node.monitor("/jsz?accounts=true&streams=true")
+            status, body = node.monitor("/jsz?accounts=true&streams=true&consumers=true")
             if status != 200 or not isinstance(body, dict):
                 continue
             for account in body.get("account_details") or []:
-                for detail in account.get("stream_detail") or []:
-                    if detail.get("name") == stream:
-                        leader = (detail.get("cluster") or {}).get("leader")
-                        for i, candidate in enumerate(self.nodes):
-                            if candidate.name == leader:
-                                return i
+                found += [(node, d) for d in account.get("stream_detail") or [] if d.get("name") == stream]
+        return found
+
+    def stream_leader(self, stream: str) -> int | None:
+        """Index of the node leading `stream`'s replica group, if one does."""
+        names = [n.name for n in self.nodes]
+        for _, detail in self._stream_details(stream):
+            leader = (detail.get("cluster") or {}).get("leader")
+            if leader in names:
+                return names.index(leader)
+        return None
+
+    def consumer(self, stream: str, name: str) -> dict[str, Any] | None:
+        """The consumer's state (num_ack_pending, num_pending, ...) as the
+        leader of its own replica group reports it."""
+        for node, detail in self._stream_details(stream):
+            for consumer in detail.get("consumer_detail") or []:
+                if consumer.get("name") == name and (consumer.get("cluster") or {}).get("leader") in (node.name, None):
+                    return dict(consumer)
         return None
 
     def stop(self) -> None:
