@@ -44,7 +44,7 @@ import run
 from run import NONCE, PY, ROOT, Process, forget_redis_keys, free_port, gateway_config, pg_admin, wrk
 
 sys.path.insert(0, str(ROOT))
-from tests.natscluster import NatsCluster
+from tests.natsserver import NatsServer
 
 STREAM = f"dialgate_bench_{NONCE}"
 DB = "dialgate_bench_js"
@@ -301,7 +301,7 @@ def main() -> int:
     pg_url = "postgresql+asyncpg://" + dsn.removeprefix("postgresql://")
     asyncio.run(pg_admin(args.pg_dsn, f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
     asyncio.run(pg_admin(args.pg_dsn, f"CREATE DATABASE {DB}"))
-    nats = NatsCluster(work / "nats", size=1)
+    nats = NatsServer(work)
     servers: list[Process] = []
     loaders: list[subprocess.Popen[bytes]] = []
     figures: dict[str, object] = {}
@@ -312,7 +312,7 @@ def main() -> int:
         servers.append(pg := Process([PY, "-m", "gateway.cli", "serve", "--config", str(work / "pg.toml")],
                                      pg_port, work / "pg.log"))  # migrates the database
         js_conf = work / "js.toml"
-        jetstream_config(js_conf, js_port, pg_url, args.redis_url, args.workers, nats.servers[0], args.loader_batch)
+        jetstream_config(js_conf, js_port, pg_url, args.redis_url, args.workers, nats.url, args.loader_batch)
         servers.append(js := Process([PY, "-m", "gateway.cli", "serve", "--config", str(js_conf), "--no-migrate"],
                                      js_port, work / "js.log"))
         servers.append(noop := Process([PY, "-m", "gateway.serve", "bench.noop:app", "--bind",

@@ -53,7 +53,7 @@ def free_ports(count: int) -> list[int]:
 
 
 class NatsNode:
-    """One `nats-server -js` of a cluster (or alone when `routes` is empty)."""
+    """One `nats-server -js` of a cluster (tests/natsserver.py starts lone ones)."""
 
     def __init__(self, workdir: Path, name: str, cluster: str, ports: list[int], routes: list[int]) -> None:
         self.name = name
@@ -62,11 +62,9 @@ class NatsNode:
         self.config = workdir / f"{name}.conf"
         self.log = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
-        cluster_block = ""
-        if routes:
-            listed = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
-            cluster_block = (f'cluster {{\n  name: "{cluster}"\n  listen: "127.0.0.1:{self.cluster_port}"\n'
-                             f"  routes: [{listed}]\n}}\n")
+        listed = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
+        cluster_block = (f'cluster {{\n  name: "{cluster}"\n  listen: "127.0.0.1:{self.cluster_port}"\n'
+                         f"  routes: [{listed}]\n}}\n")
         self.config.write_text(
             f'server_name: "{name}"\nlisten: "127.0.0.1:{self.port}"\nhttp: "127.0.0.1:{self.http_port}"\n'
             f'jetstream {{\n  store_dir: "{self.store}"\n}}\n' + cluster_block,
@@ -146,8 +144,7 @@ class NatsCluster:
         ports = free_ports(3 * size)
         groups = [ports[3 * i : 3 * i + 3] for i in range(size)]
         self.nodes = [
-            NatsNode(workdir, f"n{i + 1}", self.name, groups[i],
-                     [g[1] for j, g in enumerate(groups) if j != i] if size > 1 else [])
+            NatsNode(workdir, f"n{i + 1}", self.name, groups[i], [g[1] for j, g in enumerate(groups) if j != i])
             for i in range(size)
         ]
 
@@ -173,9 +170,7 @@ class NatsCluster:
             running = [n for n in self.nodes if n.alive]
             leaders = {n.meta_leader() for n in running}
             names = {n.name for n in running}
-            # A lone server has no meta group to wait for.
-            agreed = len(self.nodes) == 1 or (len(leaders) == 1 and leaders <= names)
-            if agreed and all(n.healthy() for n in running):
+            if len(leaders) == 1 and leaders <= names and all(n.healthy() for n in running):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 tails = "\n".join(f"--- {n.name} (alive={n.alive})\n{n.log_tail(1500)}" for n in self.nodes)
