@@ -356,6 +356,10 @@ def main() -> int:
         half = float(figures["js_eps"]) / 2  # type: ignore[arg-type]
         figures["lag_rate"] = half
         figures.update({f"lag_{k}": v for k, v in lag(urls["js"], dsn, half, args.lag_seconds).items()})
+        # The same measurement against the PostgreSQL sink, whose rows are
+        # committed before its 2xx: what the poller itself adds.
+        floor = lag(urls["pg"], dsn, half, max(2.0, args.lag_seconds / 2))
+        figures.update(lag_floor_p50=floor["p50"], lag_floor_p99=floor["p99"])
     finally:
         stop(loaders)
         for proc in servers:
@@ -382,6 +386,8 @@ def report(f: dict) -> None:
     print(f"{'end-to-end lag at ' + format(f['lag_rate'], ',.0f') + ' events/s':<52} "
           f"p50 {f['lag_p50'] * 1000:,.0f} ms, p99 {f['lag_p99'] * 1000:,.0f} ms, max {f['lag_max'] * 1000:,.0f} ms "
           f"({f['lag_visible']} requests, {f['lag_never_visible']} never visible, {f['lag_failed']} failed)")
+    print(f"{'  measurement floor (PostgreSQL sink, same rate)':<52} "
+          f"p50 {f['lag_floor_p50'] * 1000:,.0f} ms, p99 {f['lag_floor_p99'] * 1000:,.0f} ms")
     print(f"{'JetStream acked / stored / missing':<52} {f['js_acked']:,} / {f['js_stored']:,} / {f['js_missing']:,}")
     print()
     print(f"{'acked events/s, JetStream / PostgreSQL sink':<52} {f['js_vs_pg']:6.2f}  (aim >= 2)    "
