@@ -24,7 +24,7 @@ from gateway.shared import Shared
 from storage.engine import create_engine
 from storage.factory import open_sink
 from storage.migrate import upgrade
-from storage.sink import SinkKind, SinkOptions
+from storage.sink import SinkKind, SinkOptions, StreamOptions
 
 log = logging.getLogger("dialgate")
 
@@ -80,6 +80,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         max_backlog_rows=settings.storage.max_backlog_rows,
         max_profile_bytes=settings.storage.max_profile_bytes,
         keep_days=settings.quarantine.keep_days,
+        stream=stream_options(settings),
     )
 
     @contextlib.asynccontextmanager
@@ -118,6 +119,16 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
     dispatch = Dispatch(ingestion, app if admin_app is not None else AdminLog(app))
     dispatch.admin = Dispatch({}, admin_app) if admin_app is not None else None
     return dispatch
+
+
+def stream_options(settings: Settings) -> StreamOptions:
+    """The log sink's `[sink]` settings (also `dialgate load`'s)."""
+    sink = settings.sink
+    return StreamOptions(
+        servers=tuple(sink.servers), stream=sink.stream, replicas=sink.replicas,
+        duplicate_window=float(sink.duplicate_window_seconds), ack_timeout=sink.ack_timeout_seconds,
+        max_age=sink.max_age_hours * 3600.0,
+    )
 
 
 def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:

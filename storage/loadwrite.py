@@ -1,0 +1,211 @@
+"""What `dialgate load` writes, each in one transaction with its
+bookkeeping (storage.loader drives it).
+
+- Events: the messages' stream sequences go into `loader_applied` first
+  (ON CONFLICT DO NOTHING, the new ones returned): only messages not seen
+  before are written, so a message delivered again after a crash between
+  commit and acknowledgement stores nothing twice, events with or without
+  an insert id. PostgreSQL copies the events (COPY, binary) into a
+  temporary table and inserts them from it with ON CONFLICT DO NOTHING on
+  (project, source, insert_id); SQLite takes the writer's own multi-row
+  inserts (storage.sqlite).
+- Identity, profile, device and group records: the database writer's own
+  Transaction, fenced by the partition's row in `loader_progress`: the
+  transaction first extends the holder's lease (and fails if another
+  loader holds it now), skips messages at or below `last_seq`, and moves
+  `last_seq` to the last one applied.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from gateway.model import Alias, Event, Rejection
+from storage.engine import Backend, backend_of, json_text
+from storage.groups import Pending, clean
+from storage.logrecords import Batch
+from storage.sqlite import insert_events, sqlite_rows, statements
+from storage.transaction import Transaction
+
+__all__ = ["LeaseLost", "LoadStore"]
+
+# (stream sequence, message) in stream order.
+Messages = Sequence[tuple[int, Batch]]
+
+_PG_TEMP = (
+    "CREATE TEMP TABLE IF NOT EXISTS load_events (ord bigint, project varchar, source varchar, name text, "
+    "distinct_id text, anonymous_id text, user_id text, time bigint, received_at bigint, insert_id varchar, "
+    "session_id text, properties text, context text, consent boolean) ON COMMIT DELETE ROWS"
+)
+_PG_COLUMNS = (
+    "ord", "project", "source", "name", "distinct_id", "anonymous_id", "user_id", "time", "received_at",
+    "insert_id", "session_id", "properties", "context", "consent",
+)
+_EVENT_COLUMNS = ", ".join(_PG_COLUMNS[1:])
+# JSON travels as text (the binary COPY needs no codec for it) and is cast here.
+_SELECTED = _EVENT_COLUMNS.replace("properties, context", "properties::jsonb, context::jsonb")
+_PG_FROM_TEMP = (
+    f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_SELECTED} FROM load_events ORDER BY ord "
+    "ON CONFLICT (project, source, insert_id) DO NOTHING"
+)
+_PG_APPLIED = (
+    "INSERT INTO loader_applied (stream, seq) SELECT $1, unnest($2::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING seq"
+)
+
+
+class LeaseLost(Exception):
+    """Another loader holds the partition now: nothing was written."""
+
+
+class LoadStore:
+    def __init__(self, engine: AsyncEngine, stream: str, *, clock: Callable[[], int],
+                 admit: Callable[[Rejection], bool], max_profile_bytes: int = 1_048_576) -> None:
+        self._engine = engine
+        self._stream = stream
+        self._backend = backend_of(str(engine.url))
+        self._clock = clock
+        self._admit = admit
+        self._max_profile_bytes = max_profile_bytes
+
+    async def write_events(self, messages: Messages) -> tuple[int, int]:
+        """Events and rejections of the messages not written before: (events
+        inserted, rejections stored)."""
+        async with self._engine.begin() as conn:
+            fresh = await self._mark(conn, [seq for seq, _ in messages])
+            batches = [batch for seq, batch in messages if seq in fresh]
+            events = [e for b in batches for e in b.events]
+            rejections = [r for b in batches for r in b.rejections]
+            inserted = await self._insert(conn, events) if events else 0
+            if rejections:
+                await self._transaction(conn).rejections_insert(rejections)
+            return inserted, len(rejections)
+
+    async def _mark(self, conn: AsyncConnection, seqs: list[int]) -> set[int]:
+        if self._backend is Backend.POSTGRESQL:
+            driver = await _driver(conn)
+            return {row[0] for row in await driver.fetch(_PG_APPLIED, self._stream, seqs)}
+        stream = self._stream
+
+        def mark(sync: Connection) -> set[int]:
+            fresh = set()
+            for seq in seqs:
+                cursor = sync.exec_driver_sql(
+                    "INSERT OR IGNORE INTO loader_applied (stream, seq) VALUES (?, ?)", (stream, seq))
+                if cursor.rowcount:
+                    fresh.add(seq)
+            return fresh
+
+        return await conn.run_sync(mark)
+
+    async def _insert(self, conn: AsyncConnection, events: list[Event]) -> int:
+        if self._backend is Backend.POSTGRESQL:
+            driver = await _driver(conn)
+            await driver.execute(_PG_TEMP)
+            await driver.copy_records_to_table("load_events", records=_pg_rows(events), columns=_PG_COLUMNS)
+            status: str = await driver.execute(_PG_FROM_TEMP)
+            return int(status.rsplit(" ", 1)[-1])
+        rows = sqlite_rows(events)
+        planned = statements(rows)
+
+        def run(sync: Connection) -> int:
+            execute = functools.partial(_sqlite_execute, sync)
+            stored = insert_events(execute, planned, len(rows))
+            return len(rows) if stored is None else len(stored) + sum(1 for e in events if e.insert_id is None)
+
+        return await conn.run_sync(run)
+
+    def _transaction(self, conn: AsyncConnection) -> Transaction:
+        return Transaction(conn, self._backend, self._clock(), self._max_profile_bytes)
+
+    async def acquire(self, name: str, holder: str, lease_ms: int) -> bool:
+        """Take or keep the partition `name` for `lease_ms` from now: True if
+        `holder` has it (it had it, nobody had, or the last lease ran out)."""
+        now = self._clock()
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                text("INSERT INTO loader_progress (name, last_seq, holder, expires_at) "
+                     "VALUES (:n, 0, NULL, 0) ON CONFLICT (name) DO NOTHING"), {"n": name})
+            result = await conn.execute(
+                text("UPDATE loader_progress SET holder = :h, expires_at = :e WHERE name = :n "
+                     "AND (holder = :h OR holder IS NULL OR expires_at < :now)"),
+                {"h": holder, "e": now + lease_ms, "n": name, "now": now})
+            return bool(result.rowcount)
+
+    async def release(self, name: str, holder: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE loader_progress SET holder = NULL, expires_at = 0 WHERE name = :n AND holder = :h"),
+                {"n": name, "h": holder})
+
+    async def last_seq(self, name: str) -> int:
+        async with self._engine.connect() as conn:
+            row = await conn.execute(text("SELECT last_seq FROM loader_progress WHERE name = :n"), {"n": name})
+            return int(row.scalar() or 0)
+
+    async def apply_identity(self, name: str, holder: str, lease_ms: int, messages: Messages) -> int:
+        """The records of the messages after the partition's `last_seq`, in
+        order, as the partition's holder; the count applied. LeaseLost if
+        another loader holds it now."""
+        async with self._engine.begin() as conn:
+            fence = await conn.execute(
+                text("UPDATE loader_progress SET expires_at = :e WHERE name = :n AND holder = :h "
+                     "RETURNING last_seq"),
+                {"e": self._clock() + lease_ms, "n": name, "h": holder})
+            last = fence.scalar()
+            if last is None:
+                raise LeaseLost(name)
+            fresh = [(seq, batch) for seq, batch in messages if seq > last]
+            records = [r for _, batch in fresh for r in batch.records()]
+            if not records:
+                return 0
+            tx = self._transaction(conn)
+            if self._backend is Backend.POSTGRESQL:
+                tx.driver = await _driver(conn)
+            # Aliases are answered by the gateway before they are applied:
+            # one that cannot be made is quarantined, whatever its dialect.
+            work = [_lenient(r) for r in records if type(r) is not Rejection]
+            rejections = [r for r in records if type(r) is Rejection]
+            await tx.write([Pending(work, rejections, None)], self._admit)
+            await conn.execute(text("UPDATE loader_progress SET last_seq = :s WHERE name = :n"),
+                               {"s": fresh[-1][0], "n": name})
+            return len(work)
+
+    async def forget(self, below: int) -> None:
+        """Drop the bookkeeping of messages at or below `below`, the
+        consumer's acknowledgement floor: they are never delivered again."""
+        async with self._engine.begin() as conn:
+            await conn.execute(text("DELETE FROM loader_applied WHERE stream = :s AND seq <= :b"),
+                               {"s": self._stream, "b": below})
+
+
+def _lenient(record: Any) -> Any:
+    if type(record) is Alias and record.strict:
+        return msgspec.structs.replace(record, strict=False)
+    return record
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under `conn`, inside the block SQLAlchemy opened."""
+    await conn.exec_driver_sql("SELECT 1")
+    return (await conn.get_raw_connection()).driver_connection
+
+
+def _sqlite_execute(sync: Connection, sql: str, params: Sequence[Any]) -> Any:
+    return sync.exec_driver_sql(sql, tuple(params))
+
+
+def _pg_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    return [
+        (index, e.project, e.source, clean(e.name), clean(e.distinct_id), clean(e.anonymous_id),
+         clean(e.user_id), e.time, e.received_at, clean(e.insert_id), clean(e.session_id),
+         json_text(e.properties), json_text(e.context), e.consent)
+        for index, e in enumerate(events)
+    ]

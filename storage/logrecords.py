@@ -1,0 +1,140 @@
+"""The stream's message format.
+
+A message carries records of one request, one project and one lane, in the
+request's order (a request of one project's events is one message):
+- Subject: `<stream>.<project token>.<lane>`. The lane is `ev` for events and
+  rejections (loaded by any loader, in any order) and `id` for identity,
+  profile, device and group records (applied in stream order per project).
+  The project token is the name itself when it is made of `[A-Za-z0-9_-]`,
+  else `~` and the hex of its UTF-8 bytes (`~` alone: rejections with no
+  project), so any name makes a valid subject token, distinct per project.
+- Payload: `Batch` as msgpack, an array: the kind of each record in order
+  (one byte each, `KINDS`), then the records of each kind (the canonical
+  Structs, fields by name).
+- `Nats-Msg-Id`: for a message of events that all carry an insert id, `k`
+  and a hash of their (project, source, insert id) keys in order, so a
+  request sent again within the duplicate window is acknowledged as a
+  duplicate; any other message a unique id (`u`, a random per-process
+  prefix, a counter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+import msgspec
+
+from gateway.model import Alias, Device, Event, GroupUpdate, ProfileUpdate, Record, Rejection
+from storage.groups import clean
+
+__all__ = ["EVENTS", "IDENTITY", "BadMessage", "Batch", "MessageIds", "decode", "encode", "lane", "subject"]
+
+EVENTS = "ev"
+IDENTITY = "id"
+
+Message = Record | Rejection
+
+KINDS: dict[type, int] = {
+    Event: ord("e"), ProfileUpdate: ord("p"), Alias: ord("a"), Device: ord("d"), GroupUpdate: ord("g"),
+    Rejection: ord("r"),
+}
+
+
+class Batch(msgspec.Struct, array_like=True, kw_only=True):
+    order: bytes = b""
+    events: list[Event] = []
+    profiles: list[ProfileUpdate] = []
+    aliases: list[Alias] = []
+    devices: list[Device] = []
+    groups: list[GroupUpdate] = []
+    rejections: list[Rejection] = []
+
+    def records(self) -> Iterator[Message]:
+        """Every record in the order it was published."""
+        lists: dict[int, Iterator[Message]] = {
+            KINDS[Event]: iter(self.events), KINDS[ProfileUpdate]: iter(self.profiles),
+            KINDS[Alias]: iter(self.aliases), KINDS[Device]: iter(self.devices),
+            KINDS[GroupUpdate]: iter(self.groups), KINDS[Rejection]: iter(self.rejections),
+        }
+        for code in self.order:
+            yield next(lists[code])
+
+
+# Built once.
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Batch)
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+_FIELDS: dict[type, str] = {
+    Event: "events", ProfileUpdate: "profiles", Alias: "aliases", Device: "devices", GroupUpdate: "groups",
+    Rejection: "rejections",
+}
+
+
+class BadMessage(ValueError):
+    """A message that is not a batch of ours."""
+
+
+def project_token(project: str | None) -> str:
+    if project is not None and _PLAIN.fullmatch(project):
+        return project
+    return "~" + (project or "").encode("utf-8", "surrogatepass").hex()
+
+
+def lane(record: Message) -> str:
+    return EVENTS if type(record) is Event or type(record) is Rejection else IDENTITY
+
+
+def subject(stream: str, project: str | None, lane_: str) -> str:
+    return f"{stream}.{project_token(project)}.{lane_}"
+
+
+def encode(records: Sequence[Message]) -> bytes:
+    batch = Batch()
+    kinds = bytearray()
+    if all(type(r) is Event for r in records):
+        batch.events = list(records)  # type: ignore[arg-type]
+        kinds = bytearray(b"e" * len(records))
+    else:
+        lists: dict[type, list[Message]] = {}
+        for record in records:
+            kind = type(record)
+            kinds.append(KINDS[kind])
+            lists.setdefault(kind, []).append(record)
+        for kind, items in lists.items():
+            setattr(batch, _FIELDS[kind], items)
+    batch.order = bytes(kinds)
+    return _ENCODER.encode(batch)
+
+
+def decode(data: bytes) -> Batch:
+    try:
+        batch = _DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise BadMessage(str(exc)) from None
+    counts = (len(batch.events), len(batch.profiles), len(batch.aliases), len(batch.devices),
+              len(batch.groups), len(batch.rejections))
+    expected = tuple(batch.order.count(KINDS[k]) for k in _FIELDS)
+    if counts != expected or sum(counts) != len(batch.order):
+        raise BadMessage("the order does not match the records")
+    return batch
+
+
+class MessageIds:
+    """Each message's `Nats-Msg-Id`."""
+
+    def __init__(self) -> None:
+        self._prefix = "u" + os.urandom(12).hex() + "."
+        self._counter = itertools.count()
+
+    def of(self, records: Sequence[Message]) -> str:
+        keys = []
+        for record in records:
+            if type(record) is not Event or record.insert_id is None:
+                return self._prefix + str(next(self._counter))
+            keys.append((record.project, record.source, clean(record.insert_id)))
+        # A hash: an insert id may hold characters a header value cannot.
+        return "k" + hashlib.blake2b(_ENCODER.encode(keys), digest_size=16).hexdigest()
