@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -93,36 +94,32 @@ def count_like(dsn: str, prefix: str) -> int:
         dsn, "SELECT count(*) FROM events WHERE project = 'bench' AND insert_id LIKE $1", prefix + "%"))
 
 
-def watch_drain(dsn: str, floor_id: int, expected: int, timeout: float) -> dict:
-    """Rows with id > floor_id counted every 0.2 s until `expected` are
-    there or nothing moved for `timeout` s; the rate is taken from the
-    first poll that saw rows to the one that saw them all."""
+def watch_drain(dsn: str, floor_id: int, expected: int, started: float, timeout: float) -> dict:
+    """Rows with id > floor_id counted every 0.25 s until at least
+    `expected` are there and the count has not moved for 1 s (wrk's count
+    leaves out requests answered after its cut-off, whose rows are there
+    too), or nothing moved for `timeout` s. The rate: rows over the time
+    from `started` (every loader ready) to the poll that first saw the last
+    count, so it includes the loaders' first fetch."""
 
     async def watch() -> dict:
         import asyncpg
 
         conn = await asyncpg.connect(dsn)
-        first: tuple[float, int] | None = None
-        last = (time.monotonic(), 0)
-        moved = time.monotonic()
+        count, changed = 0, time.monotonic()
         try:
             while True:
                 n = int(await conn.fetchval("SELECT count(*) FROM events WHERE id > $1", floor_id))
                 now = time.monotonic()
-                if n and first is None:
-                    first = (now, n)
-                if n != last[1]:
-                    moved = now
-                last = (now, n)
-                if n >= expected or now - moved > timeout:
+                if n != count:
+                    count, changed = n, now
+                if (count >= expected and now - changed >= 1.0) or now - changed > timeout:
                     break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.25)
         finally:
             await conn.close()
-        if first is None or last[0] <= first[0]:
-            return {"rows": last[1], "seconds": 0.0, "events_per_s": 0.0}
-        seconds = last[0] - first[0]
-        return {"rows": last[1], "seconds": seconds, "events_per_s": (last[1] - first[1]) / seconds}
+        seconds = changed - started
+        return {"rows": count, "seconds": seconds, "events_per_s": count / seconds if seconds > 0 else 0.0}
 
     return asyncio.run(watch())
 
@@ -261,13 +258,26 @@ def lag(url: str, dsn: str, rate: float, seconds: float, settle: float = 30) -> 
             "p50": pick(0.50), "p99": pick(0.99), "max": lags[-1] if lags else float("nan")}
 
 
-def start_loaders(config: Path, count: int, work: Path) -> list[subprocess.Popen[bytes]]:
-    loaders = []
+def start_loaders(config: Path, count: int, work: Path) -> tuple[list[subprocess.Popen[bytes]], float]:
+    """`count` loaders, and the moment all of them answer on /metrics."""
+    loaders, binds = [], []
     for i in range(count):
+        binds.append(f"127.0.0.1:{free_port()}")
         with (work / f"loader{i}.log").open("wb") as log:
-            loaders.append(subprocess.Popen([PY, "-m", "gateway.cli", "load", "--config", str(config)], cwd=ROOT,
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    return loaders
+            loaders.append(subprocess.Popen(
+                [PY, "-m", "gateway.cli", "load", "--config", str(config), "--no-migrate", "--metrics-bind", binds[-1]],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + 60
+    for proc, bind in zip(loaders, binds, strict=True):
+        while True:
+            try:
+                urllib.request.urlopen(f"http://{bind}/metrics", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"loader did not start: {(work / 'loader0.log').read_text()[-2000:]}") from None
+                time.sleep(0.02)
+    return loaders, time.monotonic()
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -344,8 +354,8 @@ def main() -> int:
         figures["js_vs_http"] = statistics.median(m["js"] / m["http"] for m in rounds)
 
         floor_id = asyncio.run(pg_fetchval(dsn, "SELECT coalesce(max(id), 0) FROM events"))
-        loaders = start_loaders(js_conf, args.loaders, work)
-        drain = watch_drain(dsn, floor_id, js_acked, timeout=30)
+        loaders, ready = start_loaders(js_conf, args.loaders, work)
+        drain = watch_drain(dsn, floor_id, js_acked, ready, timeout=30)
         stored = count_like(dsn, "js")
         figures.update(drain_eps=drain["events_per_s"], drain_rows=drain["rows"], drain_s=drain["seconds"],
                        js_acked=js_acked, js_stored=stored, js_missing=max(0, js_acked - stored))

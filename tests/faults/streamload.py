@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.faults.harness import DIALGATE, clean_env, post_batch, stored_counts
+from tests.faults.harness import ADMIN_KEY, DIALGATE, TOKEN, clean_env, post_batch, stored_counts
 from tests.support import free_port
 
 
@@ -184,3 +184,54 @@ def wait_drained(storage_url: str, tag: str, ids: list[str], timeout: float = 45
         time.sleep(0.25)
     time.sleep(1)
     return stored_counts(storage_url, tag + "-%")
+
+
+class ProfileCounter:
+    """One client sending `/engage` `$add {"n": 1}` and `$append {"seq": k}`
+    to one person, one request at a time, never re-sent (an /engage has no
+    insert id: a re-send would count twice with any sink). Applied exactly
+    once and in stream order, the person ends with n = the acknowledged
+    count and seq = the acknowledged k in order."""
+
+    def __init__(self, url: str, person: str) -> None:
+        self.url = url
+        self.person = person
+        self.acked: list[int] = []
+        self.refused: list[int | str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        k = 0
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.is_set():
+                body = {"$distinct_id": self.person, "$add": {"n": 1}, "$append": {"seq": k}}
+                try:
+                    status: int | str = client.post(self.url + "/engage", headers=TOKEN, json=body).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                if status == 200:
+                    self.acked.append(k)
+                else:
+                    self.refused.append(status)
+                k += 1
+                time.sleep(0.01)
+
+    def start(self) -> ProfileCounter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def stored(self, timeout: float = 45) -> dict[str, object]:
+        """The person's properties once n reaches the acknowledged count (or at `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = httpx.get(f"{self.url}/admin/v1/projects/shop/profiles/{self.person}",
+                              headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+            props: dict[str, object] = reply.json().get("properties", {}) if reply.status_code == 200 else {}
+            if props.get("n") == len(self.acked) or time.monotonic() > deadline:
+                return props
+            time.sleep(0.25)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.faults.harness import Gateway, figures
-from tests.faults.streamload import LoaderProcess, RetryingLoad, stream_config, wait_drained
+from tests.faults.streamload import LoaderProcess, ProfileCounter, RetryingLoad, stream_config, wait_drained
 from tests.natscluster import NatsCluster, nats_binary
 
 
@@ -50,9 +51,10 @@ def rig(tmp_path: Path, postgres_backend: dict[str, str]) -> Iterator[Rig]:
                 for i in range(2)]
     rig = Rig(cluster, stream, b["storage_url"], gateways)
     try:
-        for gateway in gateways:
-            gateway.start()
-        rig.loader()
+        # Side by side: each takes seconds of imports.
+        with ThreadPoolExecutor(3) as pool:
+            for started in [pool.submit(g.start) for g in gateways] + [pool.submit(rig.loader)]:
+                started.result()
         yield rig
     finally:
         for loader in rig.loaders:
@@ -93,6 +95,9 @@ def test_kill9_of_the_stream_leader_under_load(rig: Rig) -> None:
 def test_kill9_of_a_loader_mid_batch(rig: Rig) -> None:
     consumer = f"{rig.stream}_events"
     load = RetryingLoad([g.url for g in rig.gateways]).start()
+    # Profile work beside the events: applied once each, in stream order,
+    # across the kill (the next holder of the project's partition resumes).
+    counter = ProfileCounter(rig.gateways[1].url, "fault-counter").start()
     load.wait_for(10)
     # Kill while the loader holds fetched, unacknowledged messages; the
     # stream still counts them pending after the kill.
@@ -111,7 +116,13 @@ def test_kill9_of_a_loader_mid_batch(rig: Rig) -> None:
     assert held > 0, "no kill landed while the loader held unacknowledged messages"
     print(f"[jetstream: kill -9 of a loader] {held} messages unacknowledged at the kill")
     load.wait_for(10)
+    counter.stop()
     settle(rig, load, "jetstream: kill -9 of a loader mid-batch")
+    props = counter.stored()
+    print(f"[jetstream: kill -9 of a loader] profile $add acknowledged={len(counter.acked)} n={props.get('n')}")
+    assert not counter.refused, counter.refused[:5]
+    assert props.get("n") == len(counter.acked) > 0, props.get("n")
+    assert props.get("seq") == counter.acked  # each once, in the order acknowledged
 
 
 def test_kill9_of_a_gateway_clients_retry_on_the_other(rig: Rig) -> None:
