@@ -406,6 +406,9 @@ def report(f: dict) -> None:
     print(f"{'drain / COPY ceiling':<52} {f['drain_vs_copy']:6.2f}  (aim >= 0.8)  {verdict(f['drain_vs_copy'] >= 0.8)}")
     print(f"{'p99 lag':<52} {f['lag_p99']:6.2f} s (aim < 2)   "
           f"{verdict(f['lag_p99'] < 2 and f['lag_never_visible'] == 0)}")
+    if f["drain_eps"] < f["lag_rate"]:
+        print(f"note: the lag was measured at {f['lag_rate']:,.0f} events/s, above the loaders' drain rate: "
+              "the backlog, and the lag with it, grew for the whole lag run")
     print(f"{'acknowledged events missing':<52} {f['js_missing']:6d}  (aim 0)    {verdict(f['js_missing'] == 0)}")
 
 
