@@ -40,6 +40,10 @@ def build(settings: Settings, metrics: LoaderMetrics | None = None) -> tuple[Loa
 
 
 async def run(settings: Settings, *, migrate: bool = True, metrics_bind: str = "") -> int:
+    from gateway.serve import tune_gc
+
+    # A batch of messages allocates as many containers as a worker's requests.
+    tune_gc()
     metrics = LoaderMetrics()
     bind = metrics_bind or settings.loader.metrics_bind
     if bind:

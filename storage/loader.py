@@ -61,6 +61,8 @@ BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 FETCH_WAIT = 1.0
 # Messages per fetch at most.
 MAX_MESSAGES = 1000
+# Batches of events in flight per loader process.
+EVENT_WORKERS = 1
 
 T = TypeVar("T")
 
@@ -124,7 +126,8 @@ class Loader:
         self._nc = nc
         js = nc.jetstream(timeout=5)
         try:
-            tasks = [asyncio.create_task(self._events(js), name="events")]
+            # Two at once: one writes while the other fetches and decodes.
+            tasks = [asyncio.create_task(self._events(js), name=f"events {i}") for i in range(EVENT_WORKERS)]
             tasks += [asyncio.create_task(self._partition(js, p), name=f"identity {p}") for p in self._projects]
             tasks.append(asyncio.create_task(self._housekeeping(js), name="housekeeping"))
             stopping = asyncio.create_task(self._stop.wait())
