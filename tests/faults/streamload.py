@@ -76,6 +76,12 @@ class LoaderProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)
 
+    def freeze(self, frozen: bool) -> None:
+        """SIGSTOP / SIGCONT: a frozen loader can be looked at from outside
+        (what the stream has delivered to it) before it is killed."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -154,7 +160,7 @@ class RetryingLoad:
         with self._lock:
             return len(self.acked)
 
-    def wait_for(self, batches: int, timeout: float = 30) -> None:
+    def wait_for(self, batches: int, timeout: float = 60) -> None:
         """Until `batches` more batches than now are acknowledged."""
         target = self.acked_count() + batches
         deadline = time.monotonic() + timeout

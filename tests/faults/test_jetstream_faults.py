@@ -99,21 +99,22 @@ def test_kill9_of_a_loader_mid_batch(rig: Rig) -> None:
     # across the kill (the next holder of the project's partition resumes).
     counter = ProfileCounter(rig.gateways[1].url, "fault-counter").start()
     load.wait_for(10)
-    # Kill while the loader holds fetched, unacknowledged messages; the
-    # stream still counts them pending after the kill.
+    # Killed while it holds delivered, unacknowledged messages: frozen,
+    # looked at from the stream's side, killed if it holds some (else let
+    # go and tried again a moment later).
+    loader = rig.loaders[-1]
     held = 0
-    for _ in range(5):
-        deadline = time.monotonic() + 10
-        while ((rig.cluster.consumer(rig.stream, consumer) or {}).get("num_ack_pending") or 0) == 0:
-            assert time.monotonic() < deadline, "the loader never held a batch"
-            time.sleep(0.005)
-        rig.loaders[-1].kill9()
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline, "the loader never held a batch"
+        time.sleep(0.02)
+        loader.freeze(True)
         held = (rig.cluster.consumer(rig.stream, consumer) or {}).get("num_ack_pending") or 0
-        load.wait_for(5)  # the gateways go on acknowledging without a loader
-        rig.loader()
-        if held:
-            break
-    assert held > 0, "no kill landed while the loader held unacknowledged messages"
+        if not held:
+            loader.freeze(False)
+    loader.kill9()
+    load.wait_for(5)  # the gateways go on acknowledging without a loader
+    rig.loader()
     print(f"[jetstream: kill -9 of a loader] {held} messages unacknowledged at the kill")
     load.wait_for(10)
     counter.stop()
