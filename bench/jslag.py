@@ -20,19 +20,21 @@ def lag_tag(nonce: str, n: int) -> str:
     return f"lag{nonce}-{n}"
 
 
-def watch_visible(dsn: str, nonce: str, start: float, per_second: float, total: int, settle: float,
-                  pipe: Connection) -> None:
+def watch_visible(dsn: str, nonce: str, per_second: float, total: int, settle: float, pipe: Connection) -> None:
     """The poller, in a process of its own so that the sender's work never
-    delays its clock: request n is due at start + n / per_second; the wall
-    time its last event is first seen is sent back (after the sender has
-    sent the acknowledged requests' numbers). `nonce`: the parent's (a
-    spawned process draws its own)."""
+    delays its clock. Once connected it says "ready" and is sent `start`:
+    request n is due at start + n / per_second; the wall time its last event
+    is first seen is sent back (after the sender has sent the acknowledged
+    requests' numbers). `nonce`: the parent's (a spawned process draws its
+    own)."""
     import asyncpg
 
     last = batch500().events - 1
 
     async def watch() -> dict[int, float]:
         conn = await asyncpg.connect(dsn)
+        pipe.send("ready")
+        start: float = pipe.recv()
         seen: dict[int, float] = {}
         unseen: set[int] = set()
         due = 0
@@ -74,13 +76,18 @@ def lag(url: str, dsn: str, rate: float, seconds: float, settle: float = 30) -> 
     scenario = batch500()
     per_second = rate / scenario.events
     total = max(1, int(seconds * per_second))
-    start = time.time() + 2  # the poller's process is up by then
     acked: dict[int, float] = {}
     failed = 0
     ours, theirs = multiprocessing.get_context("spawn").Pipe()
     poller = multiprocessing.get_context("spawn").Process(
-        target=watch_visible, args=(dsn, NONCE, start, per_second, total, settle, theirs))
+        target=watch_visible, args=(dsn, NONCE, per_second, total, settle, theirs))
     poller.start()
+    # Spawning and importing take seconds on a busy machine: start once it is up.
+    if not ours.poll(120) or ours.recv() != "ready":
+        poller.kill()
+        raise RuntimeError("the lag poller did not start")
+    start = time.time() + 0.1
+    ours.send(start)
 
     async def send(client: httpx.AsyncClient, n: int) -> None:
         nonlocal failed
