@@ -294,7 +294,8 @@ def report(f: dict) -> None:
           f"({f['lag_visible']} requests, {f['lag_never_visible']} never visible, {f['lag_failed']} failed)")
     print(f"{'  measurement floor (PostgreSQL sink, same rate)':<52} "
           f"p50 {f['lag_floor_p50'] * 1000:,.0f} ms, p99 {f['lag_floor_p99'] * 1000:,.0f} ms")
-    print(f"{'JetStream acked / stored / missing':<52} {f['js_acked']:,} / {f['js_stored']:,} / {f['js_missing']:,}")
+    print(f"{'JetStream acked / stored / missing':<52} {f['js_acked']:,} / {f['js_stored']:,} / {f['js_missing']:,}"
+          " (stored also holds requests answered after wrk's cut-off, which wrk does not count)")
     print()
     print(f"{'acked events/s, JetStream / PostgreSQL sink':<52} {f['js_vs_pg']:6.2f}  (aim >= 2)    "
           f"{verdict(f['js_vs_pg'] >= 2)}")
