@@ -50,7 +50,7 @@ from nats.js.errors import NotFoundError
 from storage.faults import short
 from storage.jetstream import connect, consumers_backlog, ensure_stream
 from storage.loadwrite import LeaseLost, LoadStore
-from storage.logrecords import EVENTS, IDENTITY, BadMessage, Batch, decode, project_token, subject
+from storage.logrecords import EVENTS, IDENTITY, BadMessage, Batch, decode, project_token, record_count, subject
 from storage.sink import StreamOptions
 
 log = logging.getLogger("dialgate.loader")
@@ -184,8 +184,9 @@ class Loader:
             msgs = await _fetch(sub, self._fetch_size())
             if not msgs:
                 continue
-            messages = self._decoded(msgs)
-            inserted, rejected = await self._retry(functools.partial(self._store.write_events, messages), msgs)
+            raw = [(msg.metadata.sequence.stream, msg.data) for msg in msgs]
+            self._per_message = max(1.0, sum(record_count(data) for _, data in raw) / len(raw))
+            inserted, rejected = await self._retry(functools.partial(self._store.write_events, raw), msgs)
             await _ack(msgs)
             self._progress.loaded("events", inserted)
             if rejected:
