@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -50,7 +51,7 @@ from nats.js.errors import NotFoundError
 from storage.faults import short
 from storage.jetstream import connect, consumers_backlog, ensure_stream
 from storage.loadwrite import LeaseLost, LoadStore
-from storage.logrecords import EVENTS, IDENTITY, BadMessage, Batch, decode, project_token, subject
+from storage.logrecords import EVENTS, IDENTITY, BadMessage, Batch, decode, project_token, record_count, subject
 from storage.sink import StreamOptions
 
 log = logging.getLogger("dialgate.loader")
@@ -179,13 +180,14 @@ class Loader:
             ack_policy=AckPolicy.EXPLICIT, ack_wait=self._load.ack_wait_seconds, max_ack_pending=-1,
         )
         await self._retry(lambda: js.add_consumer(stream, config))
-        sub = await js.pull_subscribe_bind(durable, stream)
+        sub = await self._retry(lambda: js.pull_subscribe_bind(durable, stream))
         while not self._stop.is_set():
             msgs = await _fetch(sub, self._fetch_size())
             if not msgs:
                 continue
-            messages = self._decoded(msgs)
-            inserted, rejected = await self._retry(functools.partial(self._store.write_events, messages), msgs)
+            raw = [(msg.metadata.sequence.stream, msg.data) for msg in msgs]
+            self._per_message = max(1.0, sum(record_count(data) for _, data in raw) / len(raw))
+            inserted, rejected = await self._retry(functools.partial(self._store.write_events, raw), msgs)
             await _ack(msgs)
             self._progress.loaded("events", inserted)
             if rejected:
@@ -206,6 +208,11 @@ class Loader:
                 await self._hold(js, project, name, lease_ms)
             except LeaseLost:
                 log.info("partition %s moved to another loader", name)
+            except (nats.errors.Error, OSError) as exc:
+                # The stream's servers (a node restarting, a leader moving):
+                # the consumer is made again from `last_seq` once they answer.
+                log.warning("partition %s: stream unavailable (%s); starting again", name, short(exc))
+                await self._pause(2)
 
     async def _hold(self, js: JetStreamContext, project: str, name: str, lease_ms: int) -> None:
         stream = self._options.stream
@@ -276,7 +283,7 @@ class Loader:
             except Exception as exc:
                 if self._stop.is_set():
                     raise
-                log.warning("database unavailable (%s); trying again", short(exc))
+                log.warning("database or stream unavailable (%s); trying again", short(exc))
                 for msg in msgs:
                     # Not handed to another loader meanwhile.
                     with contextlib.suppress(Exception):
@@ -310,8 +317,18 @@ async def _fetch(sub: JetStreamContext.PullSubscription, count: int, wait: float
         return await sub.fetch(count, timeout=wait)
     except TimeoutError:
         return []
+    except nats.errors.Error as exc:
+        # Reconnecting to another server of the cluster: fetch again soon.
+        log.warning("fetch failed (%s)", short(exc))
+        await asyncio.sleep(0.5)
+        return []
 
 
 async def _ack(msgs: Sequence[Msg]) -> None:
-    for msg in msgs:
-        await msg.ack()
+    try:
+        for msg in msgs:
+            await msg.ack()
+    except nats.errors.Error as exc:
+        # Committed already: the stream delivers them again after ack_wait,
+        # and the loader recognises them (storage.loadwrite).
+        log.warning("acknowledgement failed (%s); the batch will be delivered again", short(exc))

@@ -19,6 +19,7 @@ bookkeeping (storage.loader drives it).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,34 +31,42 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway.model import Alias, Event, Rejection
 from storage.engine import Backend, backend_of, json_text
 from storage.groups import Pending, clean
-from storage.logrecords import Batch
-from storage.sqlite import insert_events, sqlite_rows, statements
+from storage.logrecords import BadMessage, Batch, decode
+from storage.sql import EVENT_COLUMNS
+from storage.sqlite import insert_events as sqlite_insert_events
+from storage.sqlite import sqlite_rows, statements
 from storage.transaction import Transaction
 
 __all__ = ["LeaseLost", "LoadStore"]
 
-# (stream sequence, message) in stream order.
+# (stream sequence, message) in stream order; the payloads as they came.
 Messages = Sequence[tuple[int, Batch]]
+RawMessages = Sequence[tuple[int, bytes]]
 
+log = logging.getLogger("dialgate.loader")
+
+
+
+
+_PG_MARK = (
+    "INSERT INTO loader_applied (stream, seq) SELECT $1, unnest($2::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING seq"
+)
+# The events are copied (binary COPY) into a temporary table, then inserted
+# from it. Measured against having the server unpack the messages' JSON
+# itself (json_to_recordset over the copied payloads): the server's work is
+# the limit, and unpacking there cost it more than the loader's Python
+# spends building the rows. JSON travels as text and is cast here.
 _PG_TEMP = (
-    "CREATE TEMP TABLE IF NOT EXISTS load_events (ord bigint, project varchar, source varchar, name text, "
+    "CREATE TEMP TABLE IF NOT EXISTS load_events (project varchar, source varchar, name text, "
     "distinct_id text, anonymous_id text, user_id text, time bigint, received_at bigint, insert_id varchar, "
     "session_id text, properties text, context text, consent boolean) ON COMMIT DELETE ROWS"
 )
-_PG_COLUMNS = (
-    "ord", "project", "source", "name", "distinct_id", "anonymous_id", "user_id", "time", "received_at",
-    "insert_id", "session_id", "properties", "context", "consent",
-)
-_EVENT_COLUMNS = ", ".join(_PG_COLUMNS[1:])
-# JSON travels as text (the binary COPY needs no codec for it) and is cast here.
-_SELECTED = _EVENT_COLUMNS.replace("properties, context", "properties::jsonb, context::jsonb")
+_PG_COLUMNS = tuple(c.strip() for c in EVENT_COLUMNS.split(","))
 _PG_FROM_TEMP = (
-    f"INSERT INTO events ({_EVENT_COLUMNS}) SELECT {_SELECTED} FROM load_events ORDER BY ord "
+    f"INSERT INTO events ({EVENT_COLUMNS}) SELECT "
+    f"{EVENT_COLUMNS.replace('properties, context', 'properties::jsonb, context::jsonb')} FROM load_events "
     "ON CONFLICT (project, source, insert_id) DO NOTHING"
-)
-_PG_APPLIED = (
-    "INSERT INTO loader_applied (stream, seq) SELECT $1, unnest($2::bigint[]) "
-    "ON CONFLICT DO NOTHING RETURNING seq"
 )
 
 
@@ -75,24 +84,24 @@ class LoadStore:
         self._admit = admit
         self._max_profile_bytes = max_profile_bytes
 
-    async def write_events(self, messages: Messages) -> tuple[int, int]:
-        """Events and rejections of the messages not written before: (events
-        inserted, rejections stored)."""
+    async def write_events(self, messages: RawMessages) -> tuple[int, int]:
+        """Events and rejections of the messages not written before (the
+        payloads as they came): (events inserted, rejections stored)."""
+        batches = _decoded(messages)
         async with self._engine.begin() as conn:
-            fresh = await self._mark(conn, [seq for seq, _ in messages])
-            batches = [batch for seq, batch in messages if seq in fresh]
-            events = [e for b in batches for e in b.events]
-            rejections = [r for b in batches for r in b.rejections]
+            fresh = await self._mark(conn, [seq for seq, _ in batches])
+            events = [e for seq, b in batches if seq in fresh for e in b.events]
+            rejections = [r for seq, b in batches if seq in fresh for r in b.rejections]
             inserted = await self._insert(conn, events) if events else 0
             if rejections:
                 await self._transaction(conn).rejections_insert(rejections)
             return inserted, len(rejections)
 
     async def _mark(self, conn: AsyncConnection, seqs: list[int]) -> set[int]:
+        stream = self._stream
         if self._backend is Backend.POSTGRESQL:
             driver = await _driver(conn)
-            return {row[0] for row in await driver.fetch(_PG_APPLIED, self._stream, seqs)}
-        stream = self._stream
+            return {row[0] for row in await driver.fetch(_PG_MARK, stream, seqs)}
 
         def mark(sync: Connection) -> set[int]:
             fresh = set()
@@ -117,7 +126,7 @@ class LoadStore:
 
         def run(sync: Connection) -> int:
             execute = functools.partial(_sqlite_execute, sync)
-            stored = insert_events(execute, planned, len(rows))
+            stored = sqlite_insert_events(execute, planned, len(rows))
             return len(rows) if stored is None else len(stored) + sum(1 for e in events if e.insert_id is None)
 
         return await conn.run_sync(run)
@@ -202,10 +211,24 @@ def _sqlite_execute(sync: Connection, sql: str, params: Sequence[Any]) -> Any:
     return sync.exec_driver_sql(sql, tuple(params))
 
 
+def _decoded(messages: RawMessages) -> list[tuple[int, Batch]]:
+    """The messages decoded; one that is not ours is logged and left out
+    (it is acknowledged with its batch: delivering it again would not help)."""
+    batches = []
+    for seq, data in messages:
+        try:
+            batches.append((seq, decode(data)))
+        except BadMessage as exc:
+            log.error("stream message %d is not a batch of records (%s); skipped", seq, exc)
+    return batches
+
+
 def _pg_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    # The payloads' strings have no U+0000 (storage.logrecords), but a
+    # loader must not trust a stream it shares: cleaned as the sink does.
     return [
-        (index, e.project, e.source, clean(e.name), clean(e.distinct_id), clean(e.anonymous_id),
-         clean(e.user_id), e.time, e.received_at, clean(e.insert_id), clean(e.session_id),
-         json_text(e.properties), json_text(e.context), e.consent)
-        for index, e in enumerate(events)
+        (e.project, e.source, clean(e.name), clean(e.distinct_id), clean(e.anonymous_id), clean(e.user_id),
+         e.time, e.received_at, clean(e.insert_id), clean(e.session_id), json_text(e.properties),
+         json_text(e.context), e.consent)
+        for e in events
     ]

@@ -8,9 +8,11 @@ request's order (a request of one project's events is one message):
   The project token is the name itself when it is made of `[A-Za-z0-9_-]`,
   else `~` and the hex of its UTF-8 bytes (`~` alone: rejections with no
   project), so any name makes a valid subject token, distinct per project.
-- Payload: `Batch` as msgpack, an array: the kind of each record in order
-  (one byte each, `KINDS`), then the records of each kind (the canonical
-  Structs, fields by name).
+- Payload: `Batch` as JSON, an array: a string of the kind of each record
+  in order (one letter each, `KINDS`), then an array of the records of each
+  kind (the canonical Structs as objects, fields by name), in the order of
+  `Batch`'s fields; rejections last. U+0000 in any string is sent as
+  U+FFFD, as the database sink stores it.
 - `Nats-Msg-Id`: for a message of events that all carry an insert id, `k`
   and a hash of their (project, source, insert id) keys in order, so a
   request sent again within the duplicate window is acknowledged as a
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 
 from gateway.model import Alias, Device, Event, GroupUpdate, ProfileUpdate, Record, Rejection
+from storage.engine import json_text
 from storage.groups import clean
 
 __all__ = ["EVENTS", "IDENTITY", "BadMessage", "Batch", "MessageIds", "decode", "encode", "lane", "subject"]
@@ -45,7 +48,7 @@ KINDS: dict[type, int] = {
 
 
 class Batch(msgspec.Struct, array_like=True, kw_only=True):
-    order: bytes = b""
+    order: str = ""
     events: list[Event] = []
     profiles: list[ProfileUpdate] = []
     aliases: list[Alias] = []
@@ -61,12 +64,12 @@ class Batch(msgspec.Struct, array_like=True, kw_only=True):
             KINDS[GroupUpdate]: iter(self.groups), KINDS[Rejection]: iter(self.rejections),
         }
         for code in self.order:
-            yield next(lists[code])
+            yield next(lists[ord(code)])
 
 
 # Built once.
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(Batch)
+_ENCODER = msgspec.msgpack.Encoder()  # message ids' hash input
+_DECODER = msgspec.json.Decoder(Batch)
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _FIELDS: dict[type, str] = {
     Event: "events", ProfileUpdate: "profiles", Alias: "aliases", Device: "devices", GroupUpdate: "groups",
@@ -94,20 +97,26 @@ def subject(stream: str, project: str | None, lane_: str) -> str:
 
 def encode(records: Sequence[Message]) -> bytes:
     batch = Batch()
-    kinds = bytearray()
     if all(type(r) is Event for r in records):
         batch.events = list(records)  # type: ignore[arg-type]
-        kinds = bytearray(b"e" * len(records))
+        batch.order = "e" * len(records)
     else:
+        kinds = []
         lists: dict[type, list[Message]] = {}
         for record in records:
             kind = type(record)
-            kinds.append(KINDS[kind])
+            kinds.append(chr(KINDS[kind]))
             lists.setdefault(kind, []).append(record)
         for kind, items in lists.items():
             setattr(batch, _FIELDS[kind], items)
-    batch.order = bytes(kinds)
-    return _ENCODER.encode(batch)
+        batch.order = "".join(kinds)
+    return json_text(batch).encode()
+
+
+def record_count(data: bytes) -> int:
+    """How many records a payload holds, from its order string alone."""
+    end = data.find(b'"', 2)
+    return max(end - 2, 0)
 
 
 def decode(data: bytes) -> Batch:
@@ -117,7 +126,7 @@ def decode(data: bytes) -> Batch:
         raise BadMessage(str(exc)) from None
     counts = (len(batch.events), len(batch.profiles), len(batch.aliases), len(batch.devices),
               len(batch.groups), len(batch.rejections))
-    expected = tuple(batch.order.count(KINDS[k]) for k in _FIELDS)
+    expected = tuple(batch.order.count(chr(KINDS[k])) for k in _FIELDS)
     if counts != expected or sum(counts) != len(batch.order):
         raise BadMessage("the order does not match the records")
     return batch
