@@ -52,6 +52,7 @@ class LoaderProcess:
         self.metrics = f"127.0.0.1:{free_port()}"
         self.err = config.parent / f"{name}.err"
         self.process: subprocess.Popen[bytes] | None = None
+        self.killed = False
 
     def start(self, timeout: float = 30) -> LoaderProcess:
         args = [str(DIALGATE), "load", "--config", str(self.config), "--no-migrate", "--metrics-bind", self.metrics]
@@ -72,6 +73,7 @@ class LoaderProcess:
 
     def kill9(self) -> None:
         assert self.process is not None
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=10)

@@ -76,19 +76,24 @@ def settle(rig: Rig, load: RetryingLoad, label: str) -> None:
     assert result["acknowledged"] > 0
     assert (result["duplicates"], result["missing"], result["unexpected"]) == (0, 0, 0), result
     assert all(n == 1 for n in counts.values())
+    # No process the test did not kill gave up on the way.
+    for loader in rig.loaders:
+        assert loader.killed or (loader.process and loader.process.poll() is None), loader.stderr()[-3000:]
+    for gateway in rig.gateways:
+        assert gateway.process and gateway.process.poll() in (None, -9), gateway.stderr()[-3000:]
 
 
 def test_kill9_of_the_stream_leader_under_load(rig: Rig) -> None:
     load = RetryingLoad([g.url for g in rig.gateways]).start()
-    load.wait_for(20)
+    load.wait_for(10)
     victim = rig.cluster.stream_leader(rig.stream)
     assert victim is not None, "the stream has no leader"
     rig.cluster.kill9(victim)
     # Two of three replicas are a quorum: acknowledgements go on.
-    load.wait_for(30)
+    load.wait_for(15)
     assert not rig.cluster.nodes[victim].alive
     rig.cluster.restart(victim)
-    load.wait_for(10)
+    load.wait_for(5)
     settle(rig, load, "jetstream: kill -9 of a NATS node")
 
 
@@ -116,7 +121,7 @@ def test_kill9_of_a_loader_mid_batch(rig: Rig) -> None:
     load.wait_for(5)  # the gateways go on acknowledging without a loader
     rig.loader()
     print(f"[jetstream: kill -9 of a loader] {held} messages unacknowledged at the kill")
-    load.wait_for(10)
+    load.wait_for(5)
     counter.stop()
     settle(rig, load, "jetstream: kill -9 of a loader mid-batch")
     props = counter.stored()
@@ -129,8 +134,8 @@ def test_kill9_of_a_loader_mid_batch(rig: Rig) -> None:
 def test_kill9_of_a_gateway_clients_retry_on_the_other(rig: Rig) -> None:
     first, second = rig.gateways
     load = RetryingLoad([first.url, second.url], start_at=0).start()
-    load.wait_for(20)
+    load.wait_for(10)
     first.kill9()
-    load.wait_for(20)  # every client has moved to the second gateway
+    load.wait_for(10)  # every client has moved to the second gateway
     settle(rig, load, "jetstream: kill -9 of a gateway")
     assert set(load.tally) - {"200"}, f"no client saw the kill: {load.tally}"
