@@ -50,7 +50,7 @@ from nats.js.errors import NotFoundError
 
 from storage.faults import short
 from storage.jetstream import connect, consumers_backlog, ensure_stream
-from storage.loadwrite import LeaseLost, LoadStore
+from storage.loadwrite import LeaseLost, LoadStore, Prepared
 from storage.logrecords import EVENTS, IDENTITY, BadMessage, Batch, decode, project_token, record_count, subject
 from storage.sink import StreamOptions
 
@@ -62,8 +62,6 @@ BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 FETCH_WAIT = 1.0
 # Messages per fetch at most.
 MAX_MESSAGES = 1000
-# Batches of events in flight per loader process.
-EVENT_WORKERS = 1
 
 T = TypeVar("T")
 
@@ -127,8 +125,7 @@ class Loader:
         self._nc = nc
         js = nc.jetstream(timeout=5)
         try:
-            # Two at once: one writes while the other fetches and decodes.
-            tasks = [asyncio.create_task(self._events(js), name=f"events {i}") for i in range(EVENT_WORKERS)]
+            tasks = [asyncio.create_task(self._events(js), name="events")]
             tasks += [asyncio.create_task(self._partition(js, p), name=f"identity {p}") for p in self._projects]
             tasks.append(asyncio.create_task(self._housekeeping(js), name="housekeeping"))
             stopping = asyncio.create_task(self._stop.wait())
@@ -181,17 +178,36 @@ class Loader:
         )
         await self._retry(lambda: js.add_consumer(stream, config))
         sub = await self._retry(lambda: js.pull_subscribe_bind(durable, stream))
+        # The next batch is fetched and decoded while this one commits (the
+        # database's time, when the process would idle): one batch waits at
+        # most (the fetcher waits for it to be taken). Should it wait past ack_wait (a database down that long),
+        # the stream hands it to another loader too, and `loader_applied`
+        # keeps it from being stored twice.
+        ready: asyncio.Queue[tuple[list[Msg], Prepared]] = asyncio.Queue(maxsize=1)
+        fetcher = asyncio.create_task(self._prefetch(sub, ready), name="events fetch")
+        try:
+            while not self._stop.is_set():
+                msgs, prepared = await _next(ready, fetcher)
+                inserted, rejected = await self._retry(functools.partial(self._store.write_events, prepared), msgs)
+                await _ack(msgs)
+                self._progress.loaded("events", inserted)
+                if rejected:
+                    self._progress.loaded("rejections", rejected)
+        finally:
+            fetcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetcher
+
+    async def _prefetch(self, sub: JetStreamContext.PullSubscription,
+                        ready: asyncio.Queue[tuple[list[Msg], Prepared]]) -> None:
         while not self._stop.is_set():
             msgs = await _fetch(sub, self._fetch_size())
             if not msgs:
                 continue
             raw = [(msg.metadata.sequence.stream, msg.data) for msg in msgs]
             self._per_message = max(1.0, sum(record_count(data) for _, data in raw) / len(raw))
-            inserted, rejected = await self._retry(functools.partial(self._store.write_events, raw), msgs)
-            await _ack(msgs)
-            self._progress.loaded("events", inserted)
-            if rejected:
-                self._progress.loaded("rejections", rejected)
+            await ready.put((msgs, self._store.prepare(raw)))
+            await ready.join()
 
     async def _partition(self, js: JetStreamContext, project: str) -> None:
         """Hold the project's identity partition whenever it is free, and
@@ -322,6 +338,21 @@ async def _fetch(sub: JetStreamContext.PullSubscription, count: int, wait: float
         log.warning("fetch failed (%s)", short(exc))
         await asyncio.sleep(0.5)
         return []
+
+
+async def _next(ready: asyncio.Queue[T], fetcher: asyncio.Task[None]) -> T:
+    """The next item of `ready`; the fetcher's failure if it ended instead."""
+    getter = asyncio.ensure_future(ready.get())
+    try:
+        await asyncio.wait([getter, fetcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getter.done():
+            getter.cancel()
+    if getter.cancelled():
+        fetcher.result()
+        raise RuntimeError("the events fetcher stopped")
+    ready.task_done()
+    return getter.result()
 
 
 async def _ack(msgs: Sequence[Msg]) -> None:

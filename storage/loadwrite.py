@@ -5,10 +5,13 @@ bookkeeping (storage.loader drives it).
   (ON CONFLICT DO NOTHING, the new ones returned): only messages not seen
   before are written, so a message delivered again after a crash between
   commit and acknowledgement stores nothing twice, events with or without
-  an insert id. PostgreSQL copies the events (COPY, binary) into a
-  temporary table and inserts them from it with ON CONFLICT DO NOTHING on
-  (project, source, insert_id); SQLite takes the writer's own multi-row
-  inserts (storage.sqlite).
+  an insert id. PostgreSQL copies the events (COPY, binary) straight into
+  `events` inside a savepoint; only when that meets an insert id already
+  stored (rare: the stream drops a request sent again within its duplicate
+  window, and `loader_applied` a message seen before) does it roll back to
+  the savepoint, copy them into a temporary table and insert them from it
+  with ON CONFLICT DO NOTHING on (project, source, insert_id). SQLite takes
+  the writer's own multi-row inserts (storage.sqlite).
 - Identity, profile, device and group records: the database writer's own
   Transaction, fenced by the partition's row in `loader_progress`: the
   transaction first extends the holder's lease (and fails if another
@@ -37,7 +40,7 @@ from storage.sqlite import insert_events as sqlite_insert_events
 from storage.sqlite import sqlite_rows, statements
 from storage.transaction import Transaction
 
-__all__ = ["LeaseLost", "LoadStore"]
+__all__ = ["LeaseLost", "LoadStore", "Prepared"]
 
 # (stream sequence, message) in stream order; the payloads as they came.
 Messages = Sequence[tuple[int, Batch]]
@@ -45,15 +48,16 @@ RawMessages = Sequence[tuple[int, bytes]]
 
 log = logging.getLogger("dialgate.loader")
 
-
-
+# SQLSTATE unique_violation: the direct COPY met an insert id stored before.
+_UNIQUE_VIOLATION = "23505"
 
 _PG_MARK = (
     "INSERT INTO loader_applied (stream, seq) SELECT $1, unnest($2::bigint[]) "
     "ON CONFLICT DO NOTHING RETURNING seq"
 )
-# The events are copied (binary COPY) into a temporary table, then inserted
-# from it. Measured against having the server unpack the messages' JSON
+# On a conflict the events are copied (binary COPY) into a temporary table,
+# then inserted from it: that second step costs the server more than the
+# COPY itself, hence the direct COPY first. Measured against having the server unpack the messages' JSON
 # itself (json_to_recordset over the copied payloads): the server's work is
 # the limit, and unpacking there cost it more than the loader's Python
 # spends building the rows. JSON travels as text and is cast here.
@@ -74,6 +78,17 @@ class LeaseLost(Exception):
     """Another loader holds the partition now: nothing was written."""
 
 
+class Prepared:
+    """Messages decoded (and on PostgreSQL their events' COPY rows built),
+    ready to write: done while the previous batch commits."""
+
+    __slots__ = ("batches", "rows")
+
+    def __init__(self, batches: list[tuple[int, Batch]], rows: dict[int, list[tuple[Any, ...]]] | None) -> None:
+        self.batches = batches
+        self.rows = rows
+
+
 class LoadStore:
     def __init__(self, engine: AsyncEngine, stream: str, *, clock: Callable[[], int],
                  admit: Callable[[Rejection], bool], max_profile_bytes: int = 1_048_576) -> None:
@@ -84,23 +99,34 @@ class LoadStore:
         self._admit = admit
         self._max_profile_bytes = max_profile_bytes
 
-    async def write_events(self, messages: RawMessages) -> tuple[int, int]:
-        """Events and rejections of the messages not written before (the
-        payloads as they came): (events inserted, rejections stored)."""
+    def prepare(self, messages: RawMessages) -> Prepared:
+        """The payloads as they came, decoded and made ready to write."""
         batches = _decoded(messages)
+        rows = {seq: _pg_rows(b.events) for seq, b in batches} if self._backend is Backend.POSTGRESQL else None
+        return Prepared(batches, rows)
+
+    async def write_events(self, messages: RawMessages | Prepared) -> tuple[int, int]:
+        """Events and rejections of the messages not written before:
+        (events inserted, rejections stored)."""
+        prepared = messages if isinstance(messages, Prepared) else self.prepare(messages)
+        batches = prepared.batches
         async with self._engine.begin() as conn:
-            fresh = await self._mark(conn, [seq for seq, _ in batches])
-            events = [e for seq, b in batches if seq in fresh for e in b.events]
+            driver = await _driver(conn) if self._backend is Backend.POSTGRESQL else None
+            fresh = await self._mark(conn, driver, [seq for seq, _ in batches])
             rejections = [r for seq, b in batches if seq in fresh for r in b.rejections]
-            inserted = await self._insert(conn, events) if events else 0
+            if driver is not None and prepared.rows is not None:
+                rows = [row for seq, _ in batches if seq in fresh for row in prepared.rows[seq]]
+                inserted = await _copy(driver, rows) if rows else 0
+            else:
+                events = [e for seq, b in batches if seq in fresh for e in b.events]
+                inserted = await self._insert(conn, events) if events else 0
             if rejections:
                 await self._transaction(conn).rejections_insert(rejections)
             return inserted, len(rejections)
 
-    async def _mark(self, conn: AsyncConnection, seqs: list[int]) -> set[int]:
+    async def _mark(self, conn: AsyncConnection, driver: Any, seqs: list[int]) -> set[int]:
         stream = self._stream
-        if self._backend is Backend.POSTGRESQL:
-            driver = await _driver(conn)
+        if driver is not None:
             return {row[0] for row in await driver.fetch(_PG_MARK, stream, seqs)}
 
         def mark(sync: Connection) -> set[int]:
@@ -115,12 +141,7 @@ class LoadStore:
         return await conn.run_sync(mark)
 
     async def _insert(self, conn: AsyncConnection, events: list[Event]) -> int:
-        if self._backend is Backend.POSTGRESQL:
-            driver = await _driver(conn)
-            await driver.execute(_PG_TEMP)
-            await driver.copy_records_to_table("load_events", records=_pg_rows(events), columns=_PG_COLUMNS)
-            status: str = await driver.execute(_PG_FROM_TEMP)
-            return int(status.rsplit(" ", 1)[-1])
+        """The events into SQLite, as its database sink writes them."""
         rows = sqlite_rows(events)
         planned = statements(rows)
 
@@ -205,6 +226,24 @@ async def _driver(conn: AsyncConnection) -> Any:
     """The asyncpg connection under `conn`, inside the block SQLAlchemy opened."""
     await conn.exec_driver_sql("SELECT 1")
     return (await conn.get_raw_connection()).driver_connection
+
+
+async def _copy(driver: Any, rows: list[tuple[Any, ...]]) -> int:
+    """The rows into `events` (PostgreSQL), those whose insert id is
+    stored already left out: the count inserted."""
+    await driver.execute("SAVEPOINT load_copy")
+    try:
+        await driver.copy_records_to_table("events", records=rows, columns=_PG_COLUMNS)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+            raise
+        await driver.execute("ROLLBACK TO SAVEPOINT load_copy")
+        await driver.execute(_PG_TEMP)
+        await driver.copy_records_to_table("load_events", records=rows, columns=_PG_COLUMNS)
+        status: str = await driver.execute(_PG_FROM_TEMP)
+        return int(status.rsplit(" ", 1)[-1])
+    # The savepoint goes with the commit: no round trip to release it.
+    return len(rows)
 
 
 def _sqlite_execute(sync: Connection, sql: str, params: Sequence[Any]) -> Any:
