@@ -32,9 +32,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Alias, Event, Rejection
-from storage.engine import Backend, backend_of, json_text
-from storage.groups import Pending, clean
-from storage.logrecords import BadMessage, Batch, decode
+from storage.engine import Backend, backend_of
+from storage.groups import Pending
+from storage.logrecords import BadMessage, Batch, Row, decode, decode_rows
 from storage.sql import EVENT_COLUMNS
 from storage.sqlite import insert_events as sqlite_insert_events
 from storage.sqlite import sqlite_rows, statements
@@ -79,14 +79,17 @@ class LeaseLost(Exception):
 
 
 class Prepared:
-    """Messages decoded (and on PostgreSQL their events' COPY rows built),
-    ready to write: done while the previous batch commits."""
+    """Messages decoded, ready to write: done while the previous batch
+    commits. PostgreSQL: per message its events' COPY rows and its
+    rejections; SQLite: the batches."""
 
-    __slots__ = ("batches", "rows")
+    __slots__ = ("seqs", "rows", "rejections", "batches")
 
-    def __init__(self, batches: list[tuple[int, Batch]], rows: dict[int, list[tuple[Any, ...]]] | None) -> None:
-        self.batches = batches
-        self.rows = rows
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.rows: dict[int, list[Row]] = {}
+        self.rejections: dict[int, list[Rejection]] = {}
+        self.batches: list[tuple[int, Batch]] = []
 
 
 class LoadStore:
@@ -100,25 +103,37 @@ class LoadStore:
         self._max_profile_bytes = max_profile_bytes
 
     def prepare(self, messages: RawMessages) -> Prepared:
-        """The payloads as they came, decoded and made ready to write."""
-        batches = _decoded(messages)
-        rows = {seq: _pg_rows(b.events) for seq, b in batches} if self._backend is Backend.POSTGRESQL else None
-        return Prepared(batches, rows)
+        """The payloads as they came, decoded and made ready to write; one
+        that is not ours is logged and left out (it is acknowledged with its
+        batch: delivering it again would not help)."""
+        prepared = Prepared()
+        for seq, data in messages:
+            try:
+                if self._backend is Backend.POSTGRESQL:
+                    prepared.rows[seq], prepared.rejections[seq] = decode_rows(data)
+                else:
+                    prepared.batches.append((seq, decode(data)))
+            except BadMessage as exc:
+                log.error("stream message %d is not a batch of records (%s); skipped", seq, exc)
+                continue
+            prepared.seqs.append(seq)
+        return prepared
 
     async def write_events(self, messages: RawMessages | Prepared) -> tuple[int, int]:
         """Events and rejections of the messages not written before:
         (events inserted, rejections stored)."""
         prepared = messages if isinstance(messages, Prepared) else self.prepare(messages)
-        batches = prepared.batches
         async with self._engine.begin() as conn:
             driver = await _driver(conn) if self._backend is Backend.POSTGRESQL else None
-            fresh = await self._mark(conn, driver, [seq for seq, _ in batches])
-            rejections = [r for seq, b in batches if seq in fresh for r in b.rejections]
-            if driver is not None and prepared.rows is not None:
-                rows = [row for seq, _ in batches if seq in fresh for row in prepared.rows[seq]]
+            fresh = await self._mark(conn, driver, prepared.seqs)
+            if driver is not None:
+                rows = [row for seq in prepared.seqs if seq in fresh for row in prepared.rows[seq]]
+                rejections = [r for seq in prepared.seqs if seq in fresh for r in prepared.rejections[seq]]
                 inserted = await _copy(driver, rows) if rows else 0
             else:
+                batches = prepared.batches
                 events = [e for seq, b in batches if seq in fresh for e in b.events]
+                rejections = [r for seq, b in batches if seq in fresh for r in b.rejections]
                 inserted = await self._insert(conn, events) if events else 0
             if rejections:
                 await self._transaction(conn).rejections_insert(rejections)
@@ -228,7 +243,7 @@ async def _driver(conn: AsyncConnection) -> Any:
     return (await conn.get_raw_connection()).driver_connection
 
 
-async def _copy(driver: Any, rows: list[tuple[Any, ...]]) -> int:
+async def _copy(driver: Any, rows: list[Row]) -> int:
     """The rows into `events` (PostgreSQL), those whose insert id is
     stored already left out: the count inserted."""
     await driver.execute("SAVEPOINT load_copy")
@@ -248,26 +263,3 @@ async def _copy(driver: Any, rows: list[tuple[Any, ...]]) -> int:
 
 def _sqlite_execute(sync: Connection, sql: str, params: Sequence[Any]) -> Any:
     return sync.exec_driver_sql(sql, tuple(params))
-
-
-def _decoded(messages: RawMessages) -> list[tuple[int, Batch]]:
-    """The messages decoded; one that is not ours is logged and left out
-    (it is acknowledged with its batch: delivering it again would not help)."""
-    batches = []
-    for seq, data in messages:
-        try:
-            batches.append((seq, decode(data)))
-        except BadMessage as exc:
-            log.error("stream message %d is not a batch of records (%s); skipped", seq, exc)
-    return batches
-
-
-def _pg_rows(events: list[Event]) -> list[tuple[Any, ...]]:
-    # The payloads' strings have no U+0000 (storage.logrecords), but a
-    # loader must not trust a stream it shares: cleaned as the sink does.
-    return [
-        (e.project, e.source, clean(e.name), clean(e.distinct_id), clean(e.anonymous_id), clean(e.user_id),
-         e.time, e.received_at, clean(e.insert_id), clean(e.session_id), json_text(e.properties),
-         json_text(e.context), e.consent)
-        for e in events
-    ]
