@@ -71,6 +71,7 @@ class Batch(msgspec.Struct, array_like=True, kw_only=True):
 # Built once.
 _ENCODER = msgspec.msgpack.Encoder()  # message ids' hash input
 _DECODER = msgspec.json.Decoder(Batch)
+_JSON = msgspec.json.Encoder()
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 _FIELDS: dict[type, str] = {
     Event: "events", ProfileUpdate: "profiles", Alias: "aliases", Device: "devices", GroupUpdate: "groups",
@@ -111,7 +112,9 @@ def encode(records: Sequence[Message]) -> bytes:
         for kind, items in lists.items():
             setattr(batch, _FIELDS[kind], items)
         batch.order = "".join(kinds)
-    return json_text(batch).encode()
+    data = _JSON.encode(batch)
+    # json_text's U+0000 rewrite works on text: only when one may be there.
+    return json_text(batch).encode() if b"u0000" in data else data
 
 
 def record_count(data: bytes) -> int:
