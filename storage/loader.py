@@ -180,9 +180,10 @@ class Loader:
         sub = await self._retry(lambda: js.pull_subscribe_bind(durable, stream))
         # The next batch is fetched and decoded while this one commits (the
         # database's time, when the process would idle): one batch waits at
-        # most (the fetcher waits for it to be taken). Should it wait past ack_wait (a database down that long),
-        # the stream hands it to another loader too, and `loader_applied`
-        # keeps it from being stored twice.
+        # most (the fetcher waits for it to be taken). Should it wait past
+        # ack_wait (a database down that long), the stream hands it to
+        # another loader too, and `loader_applied` keeps it from being
+        # stored twice.
         ready: asyncio.Queue[tuple[list[Msg], Prepared]] = asyncio.Queue(maxsize=1)
         fetcher = asyncio.create_task(self._prefetch(sub, ready), name="events fetch")
         try:
