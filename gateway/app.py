@@ -29,7 +29,7 @@ from gateway.shared import Shared
 from storage.engine import create_engine
 from storage.factory import open_sink
 from storage.migrate import upgrade
-from storage.sink import SinkKind, SinkOptions
+from storage.sink import SinkKind, SinkOptions, StreamOptions
 
 log = logging.getLogger("dialgate")
 
@@ -82,6 +82,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         max_backlog_rows=settings.storage.max_backlog_rows,
         max_profile_bytes=settings.storage.max_profile_bytes,
         keep_days=retention.quarantine_days(settings),
+        stream=stream_options(settings),
     )
 
     @contextlib.asynccontextmanager
@@ -161,6 +162,16 @@ def ingestion_routes(settings: Settings, services: Services) -> dict[str, tuple[
         # A path of several dialects picks one per request (gateway.shared).
         ingestion[path] = (methods, members[0] if len(members) == 1 else Shared(members, services))
     return ingestion
+
+
+def stream_options(settings: Settings) -> StreamOptions:
+    """The log sink's `[sink]` settings (also `dialgate load`'s)."""
+    sink = settings.sink
+    return StreamOptions(
+        servers=tuple(sink.servers), stream=sink.stream, replicas=sink.replicas,
+        duplicate_window=float(sink.duplicate_window_seconds), ack_timeout=sink.ack_timeout_seconds,
+        max_age=sink.max_age_hours * 3600.0,
+    )
 
 
 def _routes(settings: Settings, services: Services) -> dict[str, list[Ingest]]:

@@ -1,5 +1,5 @@
-"""`dialgate serve | migrate | check-config | reload | export | prune | erase
-| replay`, and `dialgate --version`.
+"""`dialgate serve | load | migrate | check-config | reload | export | prune
+| erase | replay`, and `dialgate --version`.
 
 Every command takes the configuration the same way: `--config FILE`, else
 the file named by DIALGATE_CONFIG, else none (defaults and the environment);
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--parent", type=int, help=argparse.SUPPRESS)
     migrate = sub.add_parser("migrate", help="upgrade the database schema to head")
     _config_option(migrate)
+    loading = sub.add_parser("load", help="drain the stream of [sink] into the database (kind = jetstream)")
+    _config_option(loading)
+    loading.add_argument("--no-migrate", action="store_true", help="do not run migrations on start")
+    loading.add_argument("--metrics-bind", default="", help="HOST:PORT to serve /metrics on (or [loader] metrics_bind)")
     check = sub.add_parser("check-config", help="validate a config file (as serve reads it) and exit")
     _config_option(check)
     check.add_argument("file", nargs="?", help="the file (same as --config)")
@@ -85,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("database is at head")
         return 0
+    if args.command == "load":
+        from gateway import loader
+
+        return asyncio.run(loader.run(settings, migrate=not args.no_migrate, metrics_bind=args.metrics_bind))
     return _serve(settings, path, migrate=not args.no_migrate, parent=args.parent)
 
 

@@ -150,8 +150,40 @@ class RetentionConfig(_Base, frozen=True):
 
 
 class SinkConfig(_Base, frozen=True):
-    # Where accepted records go: "database" writes the tables of [storage] url.
-    kind: Literal["database"] = "database"
+    # Where accepted records go: "database" writes the tables of [storage] url;
+    # "jetstream" publishes them to a replicated stream that `dialgate load`
+    # drains into that database (README "Past one database").
+    kind: Literal["database", "jetstream"] = "database"
+    # jetstream: the servers (any of the cluster), the stream (created or
+    # updated on start, subjects "<stream>.>"), its replicas, and how long
+    # it remembers a message id (a retried event within it is a duplicate).
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    # A NATS stream name, also the first token of its subjects.
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "dialgate"
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
+    duplicate_window_seconds: Annotated[int, Meta(ge=1)] = 120
+    # Seconds a request waits for the stream's acknowledgements before it
+    # is answered 503 (with [storage] unavailable_retry_after).
+    ack_timeout_seconds: Annotated[float, Meta(gt=0)] = 5.0
+    # Hours a message stays in the stream, loaded or not: the longest a
+    # loader outage may last without losing records.
+    max_age_hours: Annotated[int, Meta(ge=1)] = 168
+
+
+class LoaderConfig(_Base, frozen=True):
+    """`dialgate load`: the stream of [sink] into the database of [storage]."""
+
+    # Records per transaction, about: a loader fetches as many messages as
+    # make up this many records (messages carry a request's records each).
+    batch_max_records: Annotated[int, Meta(ge=1, le=1_000_000)] = 20_000
+    # Seconds an identity partition's holder keeps it without renewing; a
+    # crashed holder's projects move to another loader after it.
+    lease_seconds: Annotated[float, Meta(gt=0)] = 15.0
+    # Seconds the stream waits for a loader's acknowledgement before it
+    # delivers the message again (to any loader).
+    ack_wait_seconds: Annotated[float, Meta(gt=0)] = 60.0
+    # HOST:PORT where the loader serves Prometheus /metrics; empty: none.
+    metrics_bind: str = ""
 
 
 class LimitsConfig(_Base, frozen=True):
@@ -187,6 +219,7 @@ class Settings(_Base, frozen=True):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     sink: SinkConfig = msgspec.field(default_factory=SinkConfig)
+    loader: LoaderConfig = msgspec.field(default_factory=LoaderConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     projects: list[ProjectConfig] = []
     dialects: Any = None  # one `[dialects.<name>]` table per dialect

@@ -43,4 +43,8 @@ def open_sink(
             assert_never(backend)
         expiry = QuarantineExpiry(engine, options.keep_days, clock) if options.keep_days > 0 else None
         return GroupCommit(store, options, expiry=expiry, on_commit=on_commit)
+    if kind is SinkKind.JETSTREAM:
+        from storage.jetstream import StreamSink
+
+        return StreamSink(options.stream)
     assert_never(kind)

@@ -34,7 +34,8 @@ from typing import Protocol, runtime_checkable
 from gateway.model import AliasOutcome, Record, Rejection
 
 __all__ = [
-    "Backlogged", "Queueing", "Sink", "SinkKind", "SinkOptions", "StorageUnavailable", "Unstorable", "Written",
+    "Backlogged", "Queueing", "Sink", "SinkKind", "SinkOptions", "StorageUnavailable", "StreamOptions",
+    "Unstorable", "Written",
 ]
 
 
@@ -93,6 +94,21 @@ class SinkKind(enum.Enum):
     `[storage] url`, SQLite or PostgreSQL as the URL says."""
 
     DATABASE = "database"
+    # The replicated log (storage.jetstream): acknowledged once the stream
+    # has the records; `dialgate load` writes the tables behind it.
+    JETSTREAM = "jetstream"
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Where the log sink publishes (`[sink]`), and how long it waits."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    stream: str = "dialgate"
+    replicas: int = 1
+    duplicate_window: float = 120.0
+    ack_timeout: float = 5.0
+    max_age: float = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -110,3 +126,5 @@ class SinkOptions:
     max_profile_bytes: int = 1_048_576
     # Quarantine rows older than this many days are deleted (0: kept).
     keep_days: int = 0
+    # The log sink's stream (SinkKind.JETSTREAM).
+    stream: StreamOptions = StreamOptions()

@@ -136,3 +136,21 @@ maintenance = Table(
     Column("name", String(50), primary_key=True),
     Column("day", BigInteger, nullable=False),
 )
+
+# `dialgate load` (storage.loader): the messages of events written, and the
+# identity partitions' holders and progress.
+loader_applied = Table(
+    "loader_applied",
+    metadata,
+    Column("stream", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+)
+
+loader_progress = Table(
+    "loader_progress",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("holder", String(200)),
+    Column("expires_at", BigInteger, nullable=False),
+)

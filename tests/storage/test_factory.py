@@ -29,4 +29,15 @@ async def test_the_url_picks_the_store_and_sqlite_keeps_one_lane(tmp_path) -> No
     finally:
         for engine in engines:
             await engine.dispose()
-    assert [k.value for k in SinkKind] == ["database"]  # `[sink] kind` takes these
+    assert [k.value for k in SinkKind] == ["database", "jetstream"]  # `[sink] kind` takes these
+
+
+def test_jetstream_kind_opens_the_stream_sink(tmp_path) -> None:
+    from storage.jetstream import StreamSink
+    from storage.sink import StreamOptions
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/d.db")
+    options = SinkOptions(stream=StreamOptions(stream="s1", replicas=3))
+    sink = open_sink(SinkKind.JETSTREAM, engine, options, clock=lambda: 0)
+    assert isinstance(sink, StreamSink)
+    assert sink._options.stream == "s1" and sink._options.replicas == 3

@@ -1,0 +1,49 @@
+"""gateway.loadmetrics: the loader's series, and the stream backlog text a
+gateway with the stream sink adds to its /metrics (real nats-server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.loadmetrics import LoaderMetrics, stream_backlog_text
+from storage.jetstream import StreamSink
+from storage.loader import events_consumer
+from storage.sink import StreamOptions
+from tests.natsserver import NatsServer
+from tests.storage.records import event
+
+pytestmark = pytest.mark.anyio
+
+
+def test_loader_series() -> None:
+    metrics = LoaderMetrics()
+    metrics.loaded("events", 500)
+    metrics.loaded("events", 20)
+    metrics.backlog({"s_events": 3})
+    text = metrics.text().decode()
+    assert 'dialgate_loader_records_total{kind="events"} 520.0' in text
+    assert 'dialgate_loader_batches_total{kind="events"} 2.0' in text
+    assert 'dialgate_stream_pending_messages{consumer="s_events"} 3.0' in text
+
+
+async def test_stream_backlog_text_counts_what_no_loader_took(tmp_path) -> None:
+    with NatsServer(tmp_path) as server:
+        sink = StreamSink(StreamOptions(servers=(server.url,), stream="m"))
+        sink.start()
+        try:
+            await sink.submit([event(1)])
+            await sink.submit([event(2)])
+            # A consumer as the loader makes it, nothing taken yet.
+            from nats.js.api import ConsumerConfig
+
+            assert sink._nc is not None
+            await sink._nc.jetstream().add_consumer(
+                "m", ConsumerConfig(durable_name=events_consumer("m"), filter_subject="m.*.ev"))
+            await asyncio.sleep(0.1)
+            text = await stream_backlog_text(sink)
+            assert 'dialgate_stream_pending_messages{consumer="m_events"} 2' in text
+        finally:
+            await sink.close()
+    assert await stream_backlog_text(object()) == ""
