@@ -104,6 +104,16 @@ def _output(path: str) -> Iterator[BinaryIO]:
     if path == "-":
         yield sys.stdout.buffer
         return
+    if os.path.exists(path) and not os.path.isfile(path):
+        # A device, FIFO or socket (/dev/null, /dev/stdout): written in place;
+        # renaming a file onto it would replace the device with that file.
+        try:
+            special = open(path, "wb")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise _Unwritable(f"cannot write {path}: {exc.strerror or exc}") from None
+        with special:
+            yield special
+        return
     folder = os.path.dirname(os.path.abspath(path))
     try:
         handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (renamed or removed below)

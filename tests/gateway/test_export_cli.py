@@ -99,3 +99,38 @@ def test_the_bar_redraws_at_most_ten_times_a_second() -> None:
     bar.finish(1200)  # rows written after the count: the total follows
     assert "[##############################] 100%  1,200/1,200" in screen.getvalue()
     assert screen.getvalue().endswith("\nexported 1,200 events in 0.3 s\n")
+
+
+def test_a_special_file_is_written_in_place_not_replaced(tmp_path: Path) -> None:
+    # `--output /dev/null` once replaced the device with a regular file (the
+    # rename into place); a FIFO stands in for the device here.
+    import os
+    import stat
+    import threading
+
+    from gateway.export_cli import _output
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    with _output(str(fifo)) as out:
+        out.write(b'{"a":1}\n')
+    reader.join(5)
+    assert received == [b'{"a":1}\n']
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_regular_file_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    from gateway.export_cli import _output
+
+    target = tmp_path / "out.ndjson"
+    with pytest.raises(RuntimeError), _output(str(target)) as out:
+        out.write(b"half")
+        raise RuntimeError("cut")
+    assert list(tmp_path.iterdir()) == []
+    with _output(str(target)) as out:
+        out.write(b"whole\n")
+    assert target.read_bytes() == b"whole\n"
