@@ -12,6 +12,7 @@ messages (which name fields, never values), never a header, query or body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -153,7 +154,9 @@ def configure(format: LogFormat = "text", level: LogLevel = "info", *, access_lo
     logging._srcfile = None
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, TurnHandler)]:
-        old.flush()
+        # Its stream may be gone (an embedding program, a test, closed it).
+        with contextlib.suppress(ValueError, OSError):
+            old.flush()
         root.removeHandler(old)
     handler = TurnHandler()
     handler.setFormatter(JsonFormatter() if format == "json" else Formatter(FORMAT))
