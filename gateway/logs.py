@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any, Literal, TextIO
@@ -99,6 +100,9 @@ class TurnHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        # No stream given: whatever sys.stderr is when a line is written (an
+        # embedding program or a test may swap it and close the old one).
+        self._follow = stream is None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -131,13 +135,18 @@ class TurnHandler(logging.StreamHandler[TextIO]):
     def _write(self) -> None:
         if self._pending:
             text, self._pending = "".join(self._pending), []
-            self.stream.write(text)
-            self.stream.flush()
+            stream = sys.stderr if self._follow else self.stream
+            try:
+                stream.write(text)
+                stream.flush()
+            except (ValueError, OSError):
+                # A closed or broken stream: the lines are lost, never the
+                # request (this runs in the event loop's callbacks).
+                pass
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # set by Handler.__init__
             self._write()
-            super().flush()
 
 
 def configure(format: LogFormat = "text", level: LogLevel = "info", *, access_log: bool = False) -> None:
