@@ -33,7 +33,7 @@ servers = [{listed}]
 stream = "{stream}"
 replicas = {replicas}
 duplicate_window_seconds = 120
-ack_timeout_seconds = 3
+ack_timeout_seconds = 15
 
 [loader]
 batch_max_records = 1000

@@ -290,36 +290,42 @@ class Gateway:
 def _keep_alive_loop(port: int, stop: threading.Event, results: list[tuple[int, int]], errors: list[str],
                      answered: list[int]) -> None:
     """Requests one after another on ONE connection until `stop`: a
-    connection closed or a status other than 200 is a failure. Every
+    connection closed without `Connection: close` or a status other than 200 is a failure. Every
     answer is counted in `answered` as it comes."""
     body = b'{"event": "E", "properties": {"distinct_id": "u"}}'
     request = (b"POST /track HTTP/1.1\r\nHost: gw\r\nX-Cohorly-Token: tok_keep\r\n"
                b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     ok = failed = 0
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            buffer = b""
-            while not stop.is_set():
-                sock.sendall(request)
-                while b"\r\n\r\n" not in buffer:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("closed by the server")
-                    buffer += chunk
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
-                              if line.startswith(b"content-length:"))
-                while len(buffer) < length:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ConnectionError("closed by the server mid-answer")
-                    buffer += chunk
-                buffer = buffer[length:]
-                answered.append(1)
-                if head.startswith(b"HTTP/1.1 200 "):
-                    ok += 1
-                else:
-                    failed += 1
+        while not stop.is_set():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                buffer = b""
+                closing = False
+                while not stop.is_set() and not closing:
+                    sock.sendall(request)
+                    while b"\r\n\r\n" not in buffer:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("closed by the server")
+                        buffer += chunk
+                    head, _, buffer = buffer.partition(b"\r\n\r\n")
+                    lines = head.lower().split(b"\r\n")
+                    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:"))
+                    # An answer saying `Connection: close` (hypercorn's
+                    # keep_alive_max_requests, 1,000) is whole: a client opens
+                    # another connection, as any HTTP client does.
+                    closing = b"connection: close" in lines
+                    while len(buffer) < length:
+                        chunk = sock.recv(65536)
+                        if not chunk:
+                            raise ConnectionError("closed by the server mid-answer")
+                        buffer += chunk
+                    buffer = buffer[length:]
+                    answered.append(1)
+                    if head.startswith(b"HTTP/1.1 200 "):
+                        ok += 1
+                    else:
+                        failed += 1
     except OSError as exc:
         errors.append(repr(exc))
     results.append((ok, failed))
