@@ -89,7 +89,8 @@ def _clean_postgres(url: str) -> None:
     async def truncate() -> None:
         conn = await asyncpg.connect("postgresql://" + url.removeprefix("postgresql+asyncpg://"))
         try:
-            await conn.execute("TRUNCATE events, aliases, profiles, devices, groups, rejections, maintenance, loader_applied, loader_progress RESTART IDENTITY")
+            await conn.execute("TRUNCATE events, aliases, profiles, devices, groups, rejections, maintenance, "
+                               "loader_applied, loader_progress RESTART IDENTITY")
         finally:
             await conn.close()
 
