@@ -204,6 +204,10 @@ class Admin:
         except Exception:
             checks["database"] = False
         extra: dict[str, Any] = {}
+        # A sink with a readiness of its own (a stream it must be connected to).
+        sink_ready = getattr(self._state.sink, "ready", None)
+        if sink_ready is not None:
+            checks["sink"] = bool(sink_ready())
         if self._state.redis is not None:
             # A write probe and the last failure of any Redis call, not a
             # PING: a full Redis answers PINGs while refusing every write.

@@ -38,6 +38,7 @@ class State:
     engine: Any = None
     redis: RedisLink | None = None
     dedup: Dedup | None = None
+    sink: Any = None
     metrics: Metrics
 
 
@@ -105,7 +106,7 @@ def build_app(settings: Settings, *, migrate: bool | None = None) -> Any:
         services.sink = sink
         services.limiter = Limiter(link)
         services.dedup = Dedup(link, settings.redis.dedup_ttl_seconds, settings.redis.local_dedup_max_entries)
-        state.engine, state.redis, state.dedup = engine, link, services.dedup
+        state.engine, state.redis, state.dedup, state.sink = engine, link, services.dedup, sink
         probes = Probes(metrics, sink=sink, engine=engine, redis=link)
         metrics.sample_with(probes.sample)
         # With workers, each keeps its gauges fresh for the scrapes another answers.

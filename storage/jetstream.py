@@ -110,6 +110,17 @@ async def connect(servers: Sequence[str], name: str) -> Client:
     )
 
 
+async def _await_leader(js: Any, stream: str, *, attempts: int = 100) -> None:
+    """Until the stream has a leader: a replicated stream just created or
+    updated answers "no responders" (a 503 to the gateway's callers) until
+    its replicas elect one."""
+    for _ in range(attempts):
+        info = await js.stream_info(stream)
+        if info.cluster is None or info.cluster.leader:
+            return
+        await asyncio.sleep(0.1)
+
+
 class StreamSink:
     """storage.sink.Sink for the stream."""
 
@@ -131,12 +142,18 @@ class StreamSink:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._connect())
 
+    def ready(self) -> bool:
+        """Connected to a stream that has a leader (for /readyz)."""
+        return not self._closed and self._nc is not None and self._nc.is_connected
+
     async def _connect(self) -> None:
         while not self._closed:
             nc = None
             try:
                 nc = await connect(self._options.servers, "dialgate-gateway")
-                await ensure_stream(nc.jetstream(timeout=5), self._options)
+                js = nc.jetstream(timeout=5)
+                await ensure_stream(js, self._options)
+                await _await_leader(js, self._options.stream)
                 self._prefix = nc.new_inbox() + "."
                 await nc.subscribe(self._prefix + "*", cb=self._on_ack, pending_msgs_limit=-1,
                                    pending_bytes_limit=-1)

@@ -26,6 +26,8 @@ async def test_events_are_acknowledged_then_loaded_once(backend, nats) -> None:
     settings = stream_settings(backend, [nats.url])
     async with gateway(settings) as client:
         first = await client.post("/track", headers=SHOP, json=tracked(("a", "id-a"), ("b", "id-b")))
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["sink"] is True, ready.text
         assert first.status_code == 200, first.text
         assert first.json() == {"status": 1, "inserted": 2}
         # Sent again (an SDK's retry): the stream has a message of these
@@ -62,6 +64,9 @@ async def test_stream_unreachable_is_503_with_retry_after(backend) -> None:
         assert reply.status_code == 503
         assert reply.headers["retry-after"] == str(settings.storage.unavailable_retry_after)
         assert await events_of(client) == []
+        # Not ready either: a load balancer sends its traffic elsewhere.
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["sink"] is False, ready.text
 
 
 async def _count(client: httpx.AsyncClient, expected: int) -> bool:
