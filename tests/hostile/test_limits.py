@@ -8,6 +8,7 @@ nothing half-stored remains."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
 import logging
@@ -366,13 +367,23 @@ async def test_a_rate_limited_request_is_never_inflated(backend: dict[str, str],
         check_shape(dialect_of(path), reply)
         assert reply.status_code == 429, reply.text
         assert int(reply.headers["retry-after"]) >= 1
-        started = time.process_time()
-        for _ in range(20):
-            reply = await post(client, path, BOMB, **{"Content-Encoding": "gzip"})
-            assert reply.status_code == 429
         # Inflating and parsing the bomb costs 15-20 ms; a refusal about 0.3 ms
-        # (bench/hostile.py). The bound leaves room for a loaded machine.
-        assert (time.process_time() - started) / 20 < 0.012
+        # (bench/hostile.py). The best of five rounds, the collector held
+        # back: a collection of the whole suite's heap once cost a round 14 ms
+        # a request.
+        rounds = []
+        for _ in range(5):
+            gc.collect()
+            gc.disable()
+            try:
+                started = time.process_time()
+                for _ in range(20):
+                    reply = await post(client, path, BOMB, **{"Content-Encoding": "gzip"})
+                    assert reply.status_code == 429
+                rounds.append((time.process_time() - started) / 20)
+            finally:
+                gc.enable()
+        assert min(rounds) < 0.012, rounds
         assert await count_events(client) == 0
 
 
