@@ -62,6 +62,12 @@ BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 FETCH_WAIT = 1.0
 # Messages per fetch at most.
 MAX_MESSAGES = 1000
+# Bytes per fetch at most, by the largest messages seen lately. The server
+# writes a fetch's messages to the loader's connection at once; far more
+# than the loader reads in a few seconds (a first fetch of 1,000 batch-500
+# messages is 100 MB) makes it drop the connection as a slow consumer, and
+# the messages in flight then come back only after ack_wait.
+FETCH_BYTES = 8 * 1024 * 1024
 
 T = TypeVar("T")
 
@@ -111,8 +117,6 @@ class Loader:
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._stop = asyncio.Event()
         self._nc: Client | None = None
-        # Records per message, as last seen: how many messages make a batch.
-        self._per_message = 1.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -166,9 +170,6 @@ class Loader:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), BACKOFF[min(attempt, len(BACKOFF) - 1)])
 
-    def _fetch_size(self) -> int:
-        return max(1, min(MAX_MESSAGES, int(self._load.batch_max_records / max(self._per_message, 1.0))))
-
     async def _events(self, js: JetStreamContext) -> None:
         stream = self._options.stream
         durable = events_consumer(stream)
@@ -185,7 +186,8 @@ class Loader:
         # another loader too, and `loader_applied` keeps it from being
         # stored twice.
         ready: asyncio.Queue[tuple[list[Msg], Prepared]] = asyncio.Queue(maxsize=1)
-        fetcher = asyncio.create_task(self._prefetch(sub, ready), name="events fetch")
+        fetcher = asyncio.create_task(self._prefetch(sub, ready, FetchSize(self._load.batch_max_records)),
+                                      name="events fetch")
         try:
             while not self._stop.is_set():
                 msgs, prepared = await _next(ready, fetcher)
@@ -200,13 +202,13 @@ class Loader:
                 await fetcher
 
     async def _prefetch(self, sub: JetStreamContext.PullSubscription,
-                        ready: asyncio.Queue[tuple[list[Msg], Prepared]]) -> None:
+                        ready: asyncio.Queue[tuple[list[Msg], Prepared]], size: FetchSize) -> None:
         while not self._stop.is_set():
-            msgs = await _fetch(sub, self._fetch_size())
+            msgs = await _fetch(sub, size())
             if not msgs:
                 continue
             raw = [(msg.metadata.sequence.stream, msg.data) for msg in msgs]
-            self._per_message = max(1.0, sum(record_count(data) for _, data in raw) / len(raw))
+            size.saw(sum(record_count(data) for _, data in raw), [len(data) for _, data in raw])
             await ready.put((msgs, self._store.prepare(raw)))
             await ready.join()
 
@@ -247,9 +249,10 @@ class Loader:
         sub = await js.pull_subscribe_bind(durable, stream)
         expected = 1
         wait = min(FETCH_WAIT, self._load.lease_seconds / 3)
+        size = FetchSize(self._load.batch_max_records)
         try:
             while not self._stop.is_set():
-                msgs = await _fetch(sub, self._fetch_size(), wait)
+                msgs = await _fetch(sub, size(), wait)
                 if not msgs:
                     if not await self._retry(lambda: self._store.acquire(name, self.holder, lease_ms)):
                         raise LeaseLost(name)
@@ -261,7 +264,7 @@ class Loader:
                         log.warning("partition %s: delivery out of order; consumer recreated", name)
                         return
                     expected += 1
-                messages = self._decoded(msgs)
+                messages = self._decoded(msgs, size)
                 apply = functools.partial(self._store.apply_identity, name, self.holder, lease_ms, messages)
                 applied = await self._retry(apply, msgs)
                 await _ack(msgs)
@@ -270,7 +273,7 @@ class Loader:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
-    def _decoded(self, msgs: list[Msg]) -> list[tuple[int, Batch]]:
+    def _decoded(self, msgs: list[Msg], size: FetchSize) -> list[tuple[int, Batch]]:
         messages = []
         records = 0
         for msg in msgs:
@@ -283,7 +286,7 @@ class Loader:
                 continue
             records += len(batch.order)
             messages.append((seq, batch))
-        self._per_message = max(1.0, records / max(1, len(msgs)))
+        size.saw(records, [len(msg.data) for msg in msgs])
         return messages
 
     async def _retry(self, attempt: Callable[[], Any], msgs: Sequence[Msg] = ()) -> Any:
@@ -323,6 +326,27 @@ class Loader:
                 log.debug("housekeeping: %s", short(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 5.0)
+
+
+class FetchSize:
+    """How many messages the next fetch asks for: about `records` records
+    (a batch) and at most FETCH_BYTES. Nothing known at first, it starts at
+    one message, assumed full; the estimates follow the largest messages
+    seen and come down by a quarter a fetch when messages are smaller."""
+
+    def __init__(self, records: int) -> None:
+        self._records = max(1, records)
+        self._per_message = float(self._records)
+        self._bytes = float(FETCH_BYTES)
+
+    def __call__(self) -> int:
+        fits = min(self._records / self._per_message, FETCH_BYTES / self._bytes)
+        return max(1, min(MAX_MESSAGES, int(fits)))
+
+    def saw(self, records: int, sizes: Sequence[int]) -> None:
+        if sizes:
+            self._per_message = max(1.0, records / len(sizes), self._per_message / 4)
+            self._bytes = max(1.0, float(max(sizes)), self._bytes / 4)
 
 
 def _partition_name(stream: str, project: str) -> str:

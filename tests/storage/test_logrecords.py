@@ -33,6 +33,18 @@ def test_copy_rows_hold_what_the_records_hold() -> None:
         ("a\ufffd", {"k": "x\ufffdy"}, {"ip": "10.0.0.1"}), ("b", {"n": {"deep": [1, "é"]}}, {"ip": "10.0.0.1"})]
 
 
+def test_copy_rows_of_a_message_with_escapes_are_cleaned() -> None:
+    # Not as the sink writes it (it sends U+0000 as U+FFFD): a message with
+    # JSON escapes takes the careful path, each string checked.
+    payload = (b'["e",[{"project":"shop","source":"s","name":"a\\u0000b","distinct_id":"u\\u0000",'
+               b'"time":1,"received_at":2,"insert_id":"i\\u0000","properties":{"k":"x\\u0000y","e":"\\u00e9"},'
+               b'"context":{}}]]')
+    rows, _ = decode_rows(payload)
+    assert (rows[0][2], rows[0][3], rows[0][8]) == ("a\ufffdb", "u\ufffd", "i\ufffd")
+    assert msgspec.json.decode(rows[0][10]) == {"k": "x\ufffdy", "e": "\u00e9"}
+    assert "\x00" not in rows[0][10]
+
+
 @pytest.mark.parametrize("payload", [
     b"not json",
     b'["ee",[]]',  # the order names an event that is not there
