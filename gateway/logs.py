@@ -202,29 +202,15 @@ def _direct(logger: logging.Logger) -> TurnHandler | None:
     return found
 
 
-def info(logger: logging.Logger, message: str, *args: Any) -> None:
-    """`logger.info(message, *args)`: the same line, but when it goes to the
-    handler `configure` installs and nowhere else, formatted straight into
-    it (the record, the logger's dispatch and the formatter's lookups cost a
-    rejected request more than the rest of its handling)."""
-    handler = _direct(logger)
-    if handler is None:
-        logger.info(message, *args)
-        return
-    formatter = handler.formatter
-    if type(formatter) is JsonFormatter:
-        handler.queue(formatter.line(logger.name, "INFO", message % args, {}, time.time()))
-    else:
-        assert type(formatter) is Formatter  # as _direct found it
-        handler.queue(formatter.line(logger.name, "INFO", message % args, time.time()))
-
-
 class Line:
     """One kind of structured INFO line of `logger`: `event`, then the
     values named in `spec` (`name=%s name=%d name=%r ...`, the text line's
     format). In JSON each value goes under its name (or the one `renamed`
-    gives it), unformatted. Written as `info` writes, straight to the
-    handler when nothing else could see the record."""
+    gives it), unformatted. When the line goes to the handler `configure`
+    installs and nowhere else, it is formatted straight into it (the
+    record, the logger's dispatch and the formatter's lookups cost a
+    rejected request more than the rest of its handling); else it goes
+    through logging."""
 
     def __init__(self, logger: logging.Logger, event: str, spec: str, *,
                  renamed: Mapping[str, str] | None = None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -20,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.checks import ConfigError
+from storage.background import BackgroundTask
 from storage.expiry import DAY_MS
 from storage.prune import Pruned, claim, prune
 
@@ -78,24 +78,14 @@ def cutoffs(settings: Settings, now_ms: int) -> tuple[int | None, int | None]:
             now_ms - quarantine * DAY_MS if quarantine else None)
 
 
-class DailyPrune:
+class DailyPrune(BackgroundTask):
     def __init__(self, engine: AsyncEngine, settings: Settings, at_minute: int, *,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__("dialgate-daily-prune")
         self._engine = engine
         self._settings = settings
         self._at = at_minute
         self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dialgate-daily-prune")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     def seconds_to_next(self) -> float:
         now = self._clock()

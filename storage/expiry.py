@@ -11,7 +11,6 @@ may run it side by side: a row deleted twice is deleted once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import assert_never
@@ -19,6 +18,7 @@ from typing import assert_never
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from storage.background import BackgroundTask
 from storage.engine import Backend, backend_of
 from storage.faults import short
 
@@ -59,7 +59,7 @@ async def expire(engine: AsyncEngine, cutoff_ms: int, *, batch: int = 1000, paus
         await asyncio.sleep(pause)
 
 
-class QuarantineExpiry:
+class QuarantineExpiry(BackgroundTask):
     def __init__(
         self,
         engine: AsyncEngine,
@@ -70,23 +70,13 @@ class QuarantineExpiry:
         first_after: float = 60.0,
         batch: int = 1000,
     ) -> None:
+        super().__init__("dialgate-quarantine-expiry")
         self._engine = engine
         self._keep_ms = keep_days * DAY_MS
         self._clock = clock
         self._interval = interval
         self._first_after = first_after
         self._batch = batch
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="dialgate-quarantine-expiry")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def run_once(self) -> int:
         return await expire(self._engine, self._clock() - self._keep_ms, batch=self._batch)

@@ -7,26 +7,19 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import msgspec
-from sqlalchemy import Text, any_, bindparam, delete, select, text, update
+from sqlalchemy import Text, any_, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.model import Alias, AliasOutcome, Device, Event, GroupUpdate, ProfileUpdate, Rejection
 from storage import tables
 from storage.devices import Devices
-from storage.engine import Backend, json_text
+from storage.engine import Backend
 from storage.group_profiles import GroupProfiles
-from storage.groups import Pending, chunks, clean, is_noop, plan_events, settle_events
-from storage.profiles import Profile
+from storage.groups import Pending, chunks, clean, plan_events, settle_events
+from storage.person_profiles import PersonProfiles
 from storage.sink import Written
-from storage.sql import (
-    PG_LINKS,
-    PG_LOCK,
-    PG_PROFILES,
-    PG_PROFILES_UPSERT,
-    lock_key,
-)
+from storage.sql import PG_LINKS, PG_LOCK, lock_key
 from storage.upsert import upsert
 
 InsertEvents = Callable[[list[Event]], Awaitable[set[tuple[str, str, str]] | None]]
@@ -58,9 +51,7 @@ class Transaction:
         self.backend = backend
         self.now = now
         self.max_profile_bytes = max_profile_bytes
-        # The profiles updates were applied to, their sizes kept (same dicts
-        # as in `_profiles`), and when the event loop was last let go.
-        self._sized: dict[tuple[str, str], Profile] = {}
+        # When the event loop was last let go (`breathe`).
         self._since_yield = time.perf_counter()
         # PostgreSQL: the asyncpg connection under `conn`. Once SQLAlchemy
         # has opened the transaction block, the statements every group of
@@ -70,9 +61,7 @@ class Transaction:
         self.driver: Any = None
         self.rejections: list[Rejection] = []
         self._links: dict[tuple[str, str], str | None] = {}  # id -> person, None: no link
-        self._profiles: dict[tuple[str, str], dict[str, Any] | None] = {}
-        self._loaded: set[tuple[str, str]] = set()  # rows that exist in the table
-        self._dirty: set[tuple[str, str]] = set()
+        self.profiles = PersonProfiles(self)
         self.devices = Devices(now)
         # Group profiles, only when the group has GroupUpdate records.
         self.groups: GroupProfiles | None = None
@@ -109,7 +98,7 @@ class Transaction:
                     kind = type(record)
                     if kind is ProfileUpdate:
                         # `kind is X` (one type() call per record) narrows nothing for mypy.
-                        await self.profile(record)  # type: ignore[arg-type]
+                        await self.profiles.apply(record)  # type: ignore[arg-type]
                         written.applied += 1
                     elif kind is Alias:
                         outcome = await self.alias(record)  # type: ignore[arg-type]
@@ -125,7 +114,7 @@ class Transaction:
                         written.applied += 1
                 if refused or len(self.rejections) > before:
                     written.refused = [*(r.reason for r in self.rejections[before:]), *refused]
-            await self.save_profiles()
+            await self.profiles.save()
             await self.devices.save(self)
             if self.groups is not None:
                 await self.groups.save()
@@ -183,13 +172,7 @@ class Transaction:
                 found = await self._links_of(project, chunk)
                 for id_ in chunk:
                     self._links[(project, id_)] = found.get(id_)  # None: no link yet
-            persons = sorted({self._links[(project, i)] or i for i in ids_})
-            for chunk in chunks(persons):
-                profiles = await self._profiles_of(project, chunk)
-                for person in chunk:
-                    self._profiles[(project, person)] = profiles.get(person)  # None: no profile
-                    if person in profiles:
-                        self._loaded.add((project, person))
+            await self.profiles.prefetch(project, sorted({self._links[(project, i)] or i for i in ids_}))
         if groups:
             self.groups = GroupProfiles(self)
             await self.groups.prefetch(groups)
@@ -203,18 +186,6 @@ class Transaction:
         )
         return dict(rows.all())
 
-    async def _profiles_of(self, project: str, persons: Sequence[str]) -> dict[str, dict[str, Any]]:
-        if self.straight():
-            rows = await self.driver.fetch(PG_PROFILES, project, persons)
-            return {person: msgspec.json.decode(props) for person, props in rows}
-        p = tables.profiles
-        result = await self.conn.execute(
-            select(p.c.distinct_id, p.c.properties).where(
-                p.c.project == project, self.among(p.c.distinct_id, persons)
-            )
-        )
-        return dict(result.all())
-
     async def _link(self, project: str, id_: str) -> str | None:
         key = (project, id_)
         if key not in self._links:
@@ -227,61 +198,6 @@ class Transaction:
 
     async def resolve(self, project: str, id_: str) -> str:
         return await self._link(project, id_) or id_
-
-    async def _profile(self, project: str, person: str) -> dict[str, Any] | None:
-        key = (project, person)
-        if key not in self._profiles:
-            p = tables.profiles
-            row = await self.conn.execute(
-                select(p.c.properties).where(p.c.project == project, p.c.distinct_id == person)
-            )
-            props = row.scalar()
-            self._profiles[key] = props
-            if props is not None:
-                self._loaded.add(key)
-        return self._profiles[key]
-
-    def _put_profile(self, project: str, person: str, props: dict[str, Any] | None) -> None:
-        self._profiles[(project, person)] = props
-        self._dirty.add((project, person))
-
-    async def profile(self, update_: ProfileUpdate) -> None:
-        person = await self.resolve(update_.project, clean(update_.distinct_id))
-        current = await self._profile(update_.project, person)
-        if current is None and (update_.delete or is_noop(update_)):
-            return
-        key = (update_.project, person)
-        if update_.delete:
-            self._put_profile(update_.project, person, None)
-            return
-        profile = self._sized.get(key)
-        if profile is None or profile.props is not current:
-            profile = self._sized[key] = Profile(current if current is not None else {})
-        problems, refused = profile.apply(update_, self.max_profile_bytes)
-        if refused is None:
-            self._put_profile(update_.project, person, profile.props)
-        else:
-            self.rejections.append(
-                Rejection(
-                    project=update_.project,
-                    source=update_.source,
-                    reason="profile_too_large",
-                    detail=f"{update_.distinct_id}: the update would make the profile {refused} bytes, "
-                    f"over the limit of {self.max_profile_bytes}; not applied",
-                    received_at=update_.time,
-                )
-            )
-        await self.breathe()
-        for problem in problems:
-            self.rejections.append(
-                Rejection(
-                    project=update_.project,
-                    source=update_.source,
-                    reason="profile_type_mismatch",
-                    detail=f"{update_.distinct_id}: {problem}",
-                    received_at=update_.time,
-                )
-            )
 
     async def breathe(self) -> None:
         """Let the event loop serve other requests every few milliseconds of
@@ -342,42 +258,12 @@ class Transaction:
             if key[0] == project and person == a:
                 self._links[key] = target
         self._links[(project, a)] = target
-        absorbed = await self._profile(project, a)
+        absorbed = await self.profiles.get(project, a)
         if absorbed is not None:
-            kept = await self._profile(project, target) or {}
-            self._put_profile(project, target, {**absorbed, **kept})
-            self._put_profile(project, a, None)
+            kept = await self.profiles.get(project, target) or {}
+            self.profiles.put(project, target, {**absorbed, **kept})
+            self.profiles.put(project, a, None)
         return outcome
-
-    async def save_profiles(self) -> None:
-        """One upsert for the profiles created or changed (a new row gets
-        created_at, an existing one keeps its own), one DELETE for those
-        deleted; sorted, so that rows are always taken in the same order."""
-        upserts: list[dict[str, Any]] = []
-        deletes: dict[str, list[str]] = {}
-        for project, person in sorted(self._dirty):
-            props = self._profiles[(project, person)]
-            if props is not None:
-                upserts.append(
-                    {
-                        "project": project, "distinct_id": person, "properties": props,
-                        "created_at": self.now, "updated_at": self.now,
-                    }
-                )
-            elif (project, person) in self._loaded:
-                deletes.setdefault(project, []).append(person)
-            # else: created and deleted within this transaction, no row to touch.
-        p = tables.profiles
-        for project, persons in deletes.items():
-            for chunk in chunks(persons):
-                await self.conn.execute(
-                    delete(p).where(p.c.project == project, self.among(p.c.distinct_id, chunk))
-                )
-        if upserts and self.straight():
-            for rows in chunks(upserts):
-                await self.driver.execute(PG_PROFILES_UPSERT, json_text(rows))
-        elif upserts:
-            await self.upsert(p, upserts, ("project", "distinct_id"), keep=("created_at",))
 
     async def upsert(
         self, table: Any, rows: list[dict[str, Any]], key: tuple[str, ...], keep: tuple[str, ...] = ()

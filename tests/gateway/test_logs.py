@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.logs import ACCESS, FORMAT, Formatter, JsonFormatter, Line, TurnHandler, _direct, configure, info
+from gateway.logs import ACCESS, FORMAT, Formatter, JsonFormatter, Line, TurnHandler, _direct, configure
 from tests.support import config_file, dialgate_serve, free_port
 
 pytestmark = pytest.mark.anyio
@@ -113,12 +113,12 @@ def _configured(stream: Recording) -> tuple[logging.Logger, TurnHandler]:
     return logging.getLogger(parent.name + ".ingest"), handler
 
 
-async def test_info_writes_the_standard_line_straight_to_the_configured_handler() -> None:
+async def test_a_line_writes_the_standard_line_straight_to_the_configured_handler() -> None:
     stream = Recording()
     logger, handler = _configured(stream)
     assert _direct(logger) is handler
-    info(logger, "rejected dialect=%s status=%d message=%r", "cohorly", 401, "invalid token")
-    info(logger, "second")
+    Line(logger, "rejected", "dialect=%s status=%d message=%r")("cohorly", 401, "invalid token")
+    Line(logger, "second", "n=%d")(2)
     assert stream.writes == 0
     await asyncio.sleep(0)
     assert stream.writes == 1
@@ -126,10 +126,10 @@ async def test_info_writes_the_standard_line_straight_to_the_configured_handler(
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
     assert re.fullmatch(stamp + rf" INFO {re.escape(logger.name)} rejected dialect=cohorly status=401 "
                         r"message='invalid token'", first)
-    assert second.endswith(f" INFO {logger.name} second")
+    assert second.endswith(f" INFO {logger.name} second n=2")
 
 
-def test_info_goes_through_logging_when_anything_else_could_see_the_record() -> None:
+def test_a_line_goes_through_logging_when_anything_else_could_see_the_record() -> None:
     stream = Recording()
     logger, handler = _configured(stream)
     seen: list[logging.LogRecord] = []
@@ -141,27 +141,27 @@ def test_info_goes_through_logging_when_anything_else_could_see_the_record() -> 
     extra = Keep()
     logger.addHandler(extra)  # as pytest's caplog or an embedding application does
     assert _direct(logger) is None
-    info(logger, "rejected ip=%s", "10.0.0.1")
+    Line(logger, "rejected", "ip=%s")("10.0.0.1")
     assert [r.getMessage() for r in seen] == ["rejected ip=10.0.0.1"]
     logger.removeHandler(extra)
 
     logger.addFilter(lambda record: False)
     assert _direct(logger) is None
-    info(logger, "filtered")
+    Line(logger, "filtered", "n=%d")(1)
     logger.filters.clear()
 
     logger.setLevel(logging.WARNING)
     assert _direct(logger) is None
-    info(logger, "below the level")
+    Line(logger, "below", "level=%s")("info")
     logger.setLevel(logging.NOTSET)
 
     handler.setFormatter(logging.Formatter("%(message)s"))
     assert _direct(logger) is None
-    info(logger, "plain")
+    Line(logger, "plain", "n=%d")(1)
     handler.flush()
     # The filtered line and the one below the level were never written.
     through_logging, plain = stream.getvalue().splitlines()
-    assert through_logging.endswith(f" INFO {logger.name} rejected ip=10.0.0.1") and plain == "plain"
+    assert through_logging.endswith(f" INFO {logger.name} rejected ip=10.0.0.1") and plain == "plain n=1"
 
 
 # -- JSON, structured lines, configure -------------------------------------------

@@ -298,8 +298,8 @@ async def test_postgres_profile_statements_go_to_the_driver_only_inside_the_bloc
             # The lock is this transaction's until it ends.
             assert not await other.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key("shop"))
             await tx.prefetch(group)
-            await tx.profile(touch)
-            await tx.save_profiles()
+            await tx.profiles.apply(touch)
+            await tx.profiles.save()
             # Straight on the driver, yet not committed before the block is.
             assert await other.fetchval("SELECT count(*) FROM profiles WHERE distinct_id = 'p-1'") == 0
         assert await other.fetchval("SELECT properties::text FROM profiles WHERE distinct_id = 'p-1'") == (
