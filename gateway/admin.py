@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from gateway.erasure import erase_person
 from gateway.export import ndjson_response
+from gateway.loadmetrics import stream_backlog_text
 from gateway.metrics import CONTENT_TYPE
 from gateway.timespan import span_of
 from storage import queries
@@ -222,7 +223,10 @@ class Admin:
         )
 
     async def metrics(self, request: Request) -> Response:
-        return Response(self._state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        # With the stream sink, the stream's backlog too (asked of the
+        # stream: the same for every worker and gateway).
+        backlog = await stream_backlog_text(self._state.sink)
+        return Response(self._state.metrics.render() + backlog.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
 def _query(request: Request, allowed: frozenset[str]) -> dict[str, str]:

@@ -8,7 +8,8 @@ a registry of their own so that they stay apart from gateway.metrics:
   per consumer (`<stream>_events`, `<stream>_id_<project>`).
 
 `dialgate load --metrics-bind HOST:PORT` serves them; a gateway with the
-stream sink can add `stream_backlog_text(sink)` to its /metrics.
+stream sink adds the backlog (`stream_backlog_text(sink)`) to its /metrics,
+once a loader has made its consumers.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ async def stream_backlog_text(sink: Any) -> str:
     """The stream's backlog as Prometheus text, for a gateway's /metrics
     (`sink`: the stream sink, storage.jetstream.StreamSink); empty when the
     sink has no stream or the stream cannot be asked."""
-    backlog = getattr(sink, "backlog", None)
+    backlog = getattr(sink, "stream_backlog", None)
     if backlog is None:
         return ""
     try:

@@ -274,7 +274,7 @@ class StreamSink:
             await _close_quietly(self._nc)
             self._nc = None
 
-    async def backlog(self) -> dict[str, int]:
+    async def stream_backlog(self) -> dict[str, int]:
         """Messages not yet acknowledged by the loaders, per consumer
         (pending delivery plus delivered but unacknowledged)."""
         if self._nc is None:

@@ -47,3 +47,30 @@ async def test_stream_backlog_text_counts_what_no_loader_took(tmp_path) -> None:
         finally:
             await sink.close()
     assert await stream_backlog_text(object()) == ""
+
+
+async def test_a_gateway_with_the_stream_sink_shows_the_backlog_on_metrics(backend, tmp_path) -> None:
+    from tests.storage.streams import SHOP, loading, stream_settings, tracked, until
+    from tests.support import ADMIN, gateway
+
+    with NatsServer(tmp_path) as server:
+        settings = stream_settings(backend, [server.url])
+        async with gateway(settings) as client:
+            async def pending() -> str:
+                reply = await client.get("/metrics", headers=ADMIN)
+                assert reply.status_code == 200
+                return reply.text
+
+            consumer = events_consumer(settings.sink.stream)
+            async with loading(settings):  # makes the consumers, drains what there is
+                await until(lambda: _shows(pending, f'dialgate_stream_pending_messages{{consumer="{consumer}"}} 0'))
+            for n in range(3):  # no loader now: they wait
+                body = tracked((f"e{n}", f"id-{n}"))
+                assert (await client.post("/track", headers=SHOP, json=body)).status_code == 200
+            await until(lambda: _shows(pending, f'dialgate_stream_pending_messages{{consumer="{consumer}"}} 3'))
+            text = await pending()
+            assert "dialgate_events_received_total" in text  # the gateway's own series are still there
+
+
+async def _shows(text, line: str) -> bool:
+    return line in (await text()).splitlines()
