@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
@@ -103,11 +104,30 @@ async def ensure_stream(js: JetStreamContext, options: StreamOptions) -> None:
 
 
 async def connect(servers: Sequence[str], name: str) -> Client:
-    """A connection that reconnects by itself for as long as it takes."""
+    """A connection that reconnects by itself for as long as it takes, made
+    once some server accepts TCP connections (OSError before that; the
+    caller tries again). nats-py, told to reconnect for ever, also keeps
+    trying a first connection inside `connect` for ever, where a
+    cancellation can be lost (Python 3.11's asyncio.wait_for): a gateway
+    closing while the stream was down could wait for ever."""
+    await _reachable(servers)
     return await nats.connect(
         servers=list(servers), name=name, connect_timeout=2, allow_reconnect=True,
         max_reconnect_attempts=-1, reconnect_time_wait=0.5,
     )
+
+
+async def _reachable(servers: Sequence[str]) -> None:
+    for url in servers:
+        parsed = urlsplit(url if "://" in url else f"nats://{url}")
+        try:
+            async with asyncio.timeout(2):
+                _, writer = await asyncio.open_connection(parsed.hostname, parsed.port or 4222)
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        return
+    raise OSError(f"no server accepts connections ({', '.join(servers)})")
 
 
 async def _await_leader(js: Any, stream: str, *, attempts: int = 100) -> None:
@@ -266,8 +286,12 @@ class StreamSink:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: on Python 3.11 a cancellation that meets a finishing
+            # asyncio.wait_for (nats-py's connect) can be lost; the loop
+            # then ends by itself at its next turn (`_closed`).
+            await asyncio.wait({self._task}, timeout=RECONNECT + 3)
+            if not self._task.done():
+                log.warning("the stream connection attempt did not stop; left behind")
         if self._background:
             await asyncio.wait(self._background, timeout=self._options.ack_timeout)
         if self._nc is not None:

@@ -127,3 +127,23 @@ def postgres_backend(request) -> Iterator[dict[str, str]]:
 def backend(request) -> dict[str, str]:
     """SQLite without Redis, and PostgreSQL with Redis."""
     return request.getfixturevalue(f"{request.param}_backend")
+
+
+def _dump_tasks(signum: int, frame: object) -> None:
+    """`kill -USR1 <pytest>`: every asyncio task of the running loop with its
+    stack, on stderr (a test that hangs waits in a task, which a thread dump
+    does not show)."""
+    import sys
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+    for task in asyncio.all_tasks(loop):
+        print(f"--- {task!r}", file=sys.__stderr__)
+        task.print_stack(file=sys.__stderr__)
+    sys.__stderr__.flush()
+
+
+if hasattr(__import__("signal"), "SIGUSR1"):
+    __import__("signal").signal(__import__("signal").SIGUSR1, _dump_tasks)

@@ -4,6 +4,7 @@ against a real nats-server of the test's own and both database backends."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
@@ -67,6 +68,40 @@ async def test_stream_unreachable_is_503_with_retry_after(backend) -> None:
         # Not ready either: a load balancer sends its traffic elsewhere.
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["sink"] is False, ready.text
+
+
+async def test_a_gateway_closes_at_once_while_the_stream_is_unreachable(backend) -> None:
+    # nats-py, reconnecting from the first attempt, kept trying inside its
+    # connect and could swallow the cancellation: the gateway's shutdown
+    # then waited for ever (seen once in a full run).
+    settings = stream_settings(backend, [f"nats://127.0.0.1:{free_port()}"])
+    for pause in (0, 0.3, 1.1):
+        async def run_and_close(pause: float = pause) -> None:
+            async with gateway(settings) as client:
+                await asyncio.sleep(pause)  # caught at another point of its retries
+                assert (await client.post("/track", headers=SHOP, json=tracked(("a", None)))).status_code == 503
+
+        await asyncio.wait_for(run_and_close(), 10)
+
+
+async def test_a_gateway_reconnects_when_its_server_comes_back(backend, nats) -> None:
+    settings = stream_settings(backend, [nats.url])
+    async with gateway(settings) as client:
+        async def send(n: int) -> int:
+            body = tracked((f"e{n}", f"id-{n}"))
+            return (await client.post("/track", headers=SHOP, json=body)).status_code
+
+        assert await send(0) == 200
+        nats.stop()
+        assert await send(1) == 503
+        nats.start()  # same port, same store
+
+        async def accepted() -> bool:
+            return await send(2) == 200
+
+        await until(accepted)
+        async with loading(settings):
+            await until(lambda: _count(client, 2))
 
 
 async def _count(client: httpx.AsyncClient, expected: int) -> bool:
