@@ -28,7 +28,7 @@ from typing import Protocol
 from gateway.model import Event, Record, Rejection
 from storage.expiry import QuarantineExpiry
 from storage.faults import Fault, classify, short, sqlstate
-from storage.groups import Pending, is_touch
+from storage.groups import Attempt, Pending, is_touch
 from storage.sink import Backlogged, SinkOptions, StorageUnavailable, Unstorable, Written
 
 __all__ = ["GroupCommit", "Store"]
@@ -42,8 +42,11 @@ class Store(Protocol):
     # How many lanes may write at once (1: one writer, as SQLite).
     lanes: int
 
-    async def write(self, group: list[Pending], lane: int) -> list[Written]:
-        """Write the group in one transaction, or raise with nothing stored."""
+    async def write(self, group: list[Pending], lane: int, attempt: Attempt) -> list[Written]:
+        """Write the group in one transaction, or raise with nothing stored.
+        `attempt` is the same when the group is tried again after a lost
+        connection (a store that can tell whether the first commit happened
+        uses it: storage.postgres)."""
         ...
 
     def lost(self) -> None:
@@ -176,26 +179,26 @@ class GroupCommit:
             finally:
                 self._load[lane] -= rows
 
-    async def _flush(self, group: list[Pending], lane: int = 0, *, retried: bool = False) -> None:
+    async def _flush(self, group: list[Pending], lane: int = 0, *, retried: Attempt | None = None) -> None:
         started = time.perf_counter()
+        attempt = retried or Attempt()
         try:
-            results = await self._store.write(group, lane)
+            results = await self._store.write(group, lane, attempt)
         except Exception as exc:
             fault = classify(exc)
             if fault is Fault.LOST:
                 # What the pool holds was made before the fault: the retry,
                 # and every later checkout, gets a new connection.
                 self._store.lost()
-            if not retried and _retry(fault, exc):
-                # Nothing of the group was committed (a connection found dead,
-                # a server restarting, a transaction rolled back to break a
-                # deadlock): once more, on a fresh connection. Not certain
-                # when the connection broke while the commit was in flight
-                # (an insert of events outside a block, or COMMIT): then an
-                # event without an insert id or a profile operation may be
-                # applied twice (tests/storage/test_commit_uncertain.py).
+            if retried is None and _retry(fault, exc):
+                # A connection found dead, a server restarting, a transaction
+                # rolled back to break a deadlock: once more, on a fresh
+                # connection, as the same attempt. When the connection broke
+                # while the commit was in flight, the store tells whether it
+                # happened (PostgreSQL: the attempt's commit mark), so nothing
+                # is applied twice (tests/storage/test_commit_uncertain.py).
                 log.warning("database %s (%s); once more", fault.value, short(exc))
-                await self._flush(group, lane, retried=True)
+                await self._flush(group, lane, retried=attempt)
                 return
             if fault.unavailable:
                 log.warning("database unavailable: %s", short(exc))

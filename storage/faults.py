@@ -91,6 +91,15 @@ def sqlstate(exc: BaseException) -> str:
     return ""
 
 
+def constraint(exc: BaseException) -> str:
+    """The constraint a PostgreSQL error names (a unique violation's key), or ""."""
+    for seen in _causes(exc):
+        name = getattr(seen, "constraint_name", None)
+        if isinstance(name, str):
+            return name
+    return ""
+
+
 def classify(exc: BaseException) -> Fault:
     state = sqlstate(exc)
     if state:

@@ -4,6 +4,8 @@ that plan and settle it (shared by every write path)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import TypeVar, overload
 
@@ -24,6 +26,39 @@ class Pending:
         self.rejections = rejections
         self.future = future
         self.rows = len(records) + len(rejections)
+
+
+class Attempt:
+    """One group's write across its retry: the token its transaction marks
+    the database with (storage.postgres), and the outcome computed before
+    the commit, to answer with should the retry find that the commit whose
+    answer was lost did happen."""
+
+    __slots__ = ("token", "results")
+
+    def __init__(self) -> None:
+        # Its unix milliseconds first: tokens sort in time order (the marks'
+        # key grows at its end, and old ones go by a range of it).
+        self.token = mark_prefix(int(time.time() * 1000)) + os.urandom(8)
+        self.results: list[Written] | None = None
+
+
+def mark_prefix(unix_ms: int) -> bytes:
+    """The first bytes of the tokens made at `unix_ms`: every token made
+    before sorts below it."""
+    return unix_ms.to_bytes(8, "big")
+
+
+def assumed(group: list[Pending]) -> list[Written]:
+    """The outcome of a group of events (and touches) that committed out of
+    sight: every event counted as inserted (those another request stored
+    meanwhile included, as duplicates are not told apart then), every
+    touch as applied."""
+    results = [Written() for _ in group]
+    _, owner = plan_events(group, results)
+    touched(group, results)
+    settle_events(owner, None, results)
+    return results
 
 
 # Ids per IN list and rows per multi-row upsert in the identity, profile and

@@ -14,33 +14,71 @@ constraint on (project, source, insert_id) decides duplicates.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Event, Rejection
 from storage.engine import Backend, json_text
-from storage.faults import Fault, classify, renew_connections, short
-from storage.groups import Pending, events_and_touches, plan_events, settle_events, touched
+from storage.faults import Fault, classify, constraint, renew_connections, short, sqlstate
+from storage.groups import (
+    Attempt,
+    Pending,
+    assumed,
+    events_and_touches,
+    mark_prefix,
+    plan_events,
+    settle_events,
+    touched,
+)
 from storage.sink import SinkOptions, Written
-from storage.sql import PG_INSERT, PG_INSERT_TOUCHING, lock_key
+from storage.sql import (
+    PG_INSERT,
+    PG_INSERT_MARKED,
+    PG_INSERT_TOUCHING,
+    PG_INSERT_TOUCHING_MARKED,
+    PG_MARK,
+    PG_MARKED,
+    PG_MARKS_PRUNE,
+    lock_key,
+)
 from storage.transaction import Transaction
 
 log = logging.getLogger("dialgate.writer")
 
+# How long a group's commit mark is kept: its retry comes at once.
+MARKS_KEPT_MS = 10 * 60 * 1000
+# The commit mark's primary key (migration 0007), and the SQLSTATE of a
+# unique violation.
+_MARKS_KEY = "pk_commit_marks"
+_UNIQUE_VIOLATION = "23505"
+
+
+def _marked_before(exc: BaseException) -> bool:
+    """A unique violation on the commit marks: this group's token is there,
+    its transaction committed in an earlier attempt."""
+    return sqlstate(exc) == _UNIQUE_VIOLATION and constraint(exc) == _MARKS_KEY
+
 
 async def insert_events(driver: Any, payload: str, touches: str | None = None,
-                        now: int = 0) -> set[tuple[str, str, str]]:
+                        now: int = 0, token: bytes | None = None) -> set[tuple[str, str, str]]:
     """PostgreSQL's one route for events: the JSON array of events in one
     statement (with `touches`, a JSON array of {project, id}, the same
-    statement also touches those profiles, stamped `now`); the keys stored.
-    `driver` is an asyncpg connection; the caller owns the transaction."""
+    statement also touches those profiles, stamped `now`; with `token`, it
+    also inserts the group's commit mark); the keys stored. `driver` is an
+    asyncpg connection; the caller owns the transaction."""
     if touches is None:
-        rows = await driver.fetch(PG_INSERT, payload)
+        rows = await (driver.fetch(PG_INSERT, payload) if token is None
+                      else driver.fetch(PG_INSERT_MARKED, payload, token))
     else:
-        rows = await driver.fetch(PG_INSERT_TOUCHING, payload, touches, now)
+        rows = await (driver.fetch(PG_INSERT_TOUCHING, payload, touches, now) if token is None
+                      else driver.fetch(PG_INSERT_TOUCHING_MARKED, payload, touches, now, token))
     return {(p, s, i) for p, s, i in rows if i is not None}
 
 
@@ -57,8 +95,39 @@ class PostgresStore:
         # Each lane's groups of events go through a connection of its own,
         # one statement each (with touches: one statement in a transaction).
         self._events = [PgEvents(engine) for _ in range(self.lanes)]
+        self._pruned_at = time.monotonic()
+        self._pruning: asyncio.Task[None] | None = None
 
-    async def write(self, group: list[Pending], lane: int) -> list[Written]:
+    async def write(self, group: list[Pending], lane: int, attempt: Attempt) -> list[Written]:
+        try:
+            results = await self._write(group, lane, attempt)
+        except Exception as exc:
+            if not (_marked_before(exc) or await self._committed_despite(exc, attempt)):
+                raise
+            # A group whose commit happened though its answer was lost:
+            # nothing applied twice, answered as the first time.
+            log.warning("the commit whose answer was lost had happened; not applied again")
+            return attempt.results if attempt.results is not None else assumed(group)
+        self._prune_marks()
+        return results
+
+    async def _committed_despite(self, exc: Exception, attempt: Attempt) -> bool:
+        """After a failure the writer neither retries nor calls unavailable
+        (it answers the group refused, or splits it and writes each request
+        anew): whether the attempt's mark is there all the same, asked on a
+        connection of its own. Only such failures pay the round trip."""
+        if classify(exc).unavailable:  # retried as the same attempt, or 503
+            return False
+        try:
+            async with self._engine.connect() as conn:
+                found = await conn.execute(text(PG_MARKED), {"token": attempt.token})
+                return found.first() is not None
+        except Exception as check:
+            log.warning("could not ask whether a failed write committed: %s", short(check))
+            return False
+
+    async def _write(self, group: list[Pending], lane: int, attempt: Attempt) -> list[Written]:
+        now = self._clock()
         if events_and_touches(group):
             results = [Written() for _ in group]
             fresh, owner = plan_events(group, results)
@@ -66,30 +135,53 @@ class PostgresStore:
             if touches:
                 stored = await self._events[lane].insert_touching(
                     json_text(fresh), json_text([{"project": p, "id": i} for p, i in touches]),
-                    sorted({p for p, _ in touches}), self._clock())
+                    sorted({p for p, _ in touches}), now, attempt.token)
                 settle_events(owner, stored, results)
             elif fresh:
-                settle_events(owner, await self._events[lane].insert(json_text(fresh)), results)
+                settle_events(owner, await self._events[lane].insert(json_text(fresh), attempt.token), results)
             return results
         async with self._engine.begin() as conn:
-            tx = Transaction(conn, Backend.POSTGRESQL, self._clock(), self._max_profile_bytes)
+            tx = Transaction(conn, Backend.POSTGRESQL, now, self._max_profile_bytes)
+            # The group's mark, first: it opens the block (`straight` from here
+            # on), and its success says no earlier attempt committed.
+            await conn.execute(text(PG_MARK), {"token": attempt.token})
+            attempt.results = None
             tx.driver = (await conn.get_raw_connection()).driver_connection
 
             async def insert(events: list[Event]) -> set[tuple[str, str, str]]:
-                if not tx.straight():
-                    # Nothing has opened the block yet (Transaction.write
-                    # opens it before the events whenever it can).
-                    await conn.exec_driver_sql("SELECT 1")
                 # json_text also turns U+0000 into U+FFFD in every string at once.
                 return await insert_events(tx.driver, json_text(events))
 
             tx.insert = insert
-            return await tx.write(group, self._admit)
+            attempt.results = await tx.write(group, self._admit)
+            return attempt.results
+
+    def _prune_marks(self) -> None:
+        """Marks older than MARKS_KEPT_MS dropped, at most once a minute, in
+        a task of its own (no request waits for it): a range of the key."""
+        moment = time.monotonic()
+        if moment - self._pruned_at < 60 or self._pruning is not None:
+            return
+        self._pruned_at = moment
+        self._pruning = asyncio.create_task(self._prune(int(time.time() * 1000) - MARKS_KEPT_MS))
+
+    async def _prune(self, before_ms: int) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(text(PG_MARKS_PRUNE), {"before": mark_prefix(before_ms)})
+        except Exception as exc:
+            log.warning("dropping old commit marks: %s", short(exc))
+        finally:
+            self._pruning = None
 
     def lost(self) -> None:
         renew_connections(self._engine)
 
     async def close(self) -> None:
+        if self._pruning is not None:  # best effort: the next process's turn
+            self._pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruning
         for events in self._events:
             await events.close()
 
@@ -113,11 +205,12 @@ class PgEvents:
         self._conn: AsyncConnection | None = None
         self._driver: Any = None  # the asyncpg connection
 
-    async def insert(self, payload: str) -> set[tuple[str, str, str]]:
-        """Insert the JSON array of events; the keys stored."""
+    async def insert(self, payload: str, token: bytes) -> set[tuple[str, str, str]]:
+        """Insert the JSON array of events, and the group's commit mark; the
+        keys stored."""
         await self._ready()
         try:
-            stored = await insert_events(self._driver, payload)
+            stored = await insert_events(self._driver, payload, token=token)
         except BaseException as exc:
             if not isinstance(exc, Exception) or self._driver.is_closed() or classify(exc) is Fault.LOST:
                 # Cancelled mid-statement, or the connection is gone: the
@@ -127,7 +220,7 @@ class PgEvents:
         return stored
 
     async def insert_touching(self, payload: str, touches: str, projects: list[str],
-                              now: int) -> set[tuple[str, str, str]]:
+                              now: int, token: bytes) -> set[tuple[str, str, str]]:
         """Insert the JSON array of events and touch the profiles of the
         JSON array of {project, id} (each resolved to its person), in one
         transaction holding the projects' profile locks shared: touches go
@@ -142,7 +235,7 @@ class PgEvents:
         begin = "BEGIN;" + "".join(f"SELECT pg_advisory_xact_lock_shared({lock_key(p)});" for p in projects)
         try:
             await driver.execute(begin)
-            stored = await insert_events(driver, payload, touches, now)
+            stored = await insert_events(driver, payload, touches, now, token)
             await driver.execute("COMMIT")
         except BaseException as exc:
             await self._abandon(exc)

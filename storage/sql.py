@@ -33,6 +33,16 @@ PG_INSERT_TOUCHING = (
     "updated_at = greatest(profiles.updated_at, excluded.updated_at)) "
     + PG_INSERT
 )
+# The same statements marking the database with the group's token
+# (storage.postgres: a retry after a lost answer knows whether they
+# committed). An INSERT in WITH runs whether the main statement reads it.
+_MARK = "mark AS (INSERT INTO commit_marks (token) VALUES ({token}))"
+PG_INSERT_MARKED = "WITH " + _MARK.format(token="$2::bytea") + " " + PG_INSERT
+PG_INSERT_TOUCHING_MARKED = PG_INSERT_TOUCHING.replace(
+    "WITH touched AS (", "WITH " + _MARK.format(token="$4::bytea") + ", touched AS (", 1)
+PG_MARK = "INSERT INTO commit_marks (token) VALUES (:token)"
+PG_MARKED = "SELECT 1 FROM commit_marks WHERE token = :token"
+PG_MARKS_PRUNE = "DELETE FROM commit_marks WHERE token < :before"
 PG_LOCK = "SELECT pg_advisory_xact_lock($1)"
 PG_LINKS = "SELECT alias, person FROM aliases WHERE project = $1 AND alias = ANY($2::text[])"
 PG_PROFILES = (

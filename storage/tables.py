@@ -9,6 +9,7 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -153,4 +154,13 @@ loader_progress = Table(
     Column("last_seq", BigInteger, nullable=False),
     Column("holder", String(200)),
     Column("expires_at", BigInteger, nullable=False),
+)
+
+# The PostgreSQL sink's commit marks (storage.postgres): a group's token
+# (its unix ms, big-endian, then 8 random bytes), inserted in its
+# transaction, tells a retry whether a commit whose answer was lost happened.
+commit_marks = Table(
+    "commit_marks",
+    metadata,
+    Column("token", LargeBinary, primary_key=True),
 )

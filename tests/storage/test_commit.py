@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import msgspec
 import pytest
@@ -237,7 +238,7 @@ async def test_postgres_events_connection_killed_between_groups(postgres_backend
             killed = (await conn.exec_driver_sql(
                 "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'idle' "
-                "AND query LIKE 'INSERT INTO events%') AS t")).scalar()
+                "AND query LIKE '%INSERT INTO events%') AS t")).scalar()
         second = await writer.submit([_event(n) for n in range(5, 20)])
     finally:
         await writer.close()
@@ -479,7 +480,7 @@ async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction
     try:
         async with _ProfileLock(postgres_backend) as lock:
             waiting = asyncio.create_task(events.insert_touching("[]", '[{"project":"shop","id":"ann"}]',
-                                                                 ["shop"], 1))
+                                                                 ["shop"], 1, os.urandom(16)))
             await lock.waiters(1)
             waiting.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -492,7 +493,7 @@ async def test_postgres_a_touch_cancelled_in_its_lock_wait_leaves_no_transaction
             idle_in_tx = await lock.conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' "
                 "AND datname = current_database() AND pid <> pg_backend_pid()")
-        stored = await events.insert(msgspec.json.encode([_event(5)]).decode())
+        stored = await events.insert(msgspec.json.encode([_event(5)]).decode(), os.urandom(16))
     finally:
         await events.close()
     await engine.dispose()
