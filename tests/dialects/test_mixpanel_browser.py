@@ -312,7 +312,7 @@ def test_browser_sdk_track_identify_alias_people_reset_beacon(
             assert sorted(e["properties"]["$insert_id"] for e in resent) == sorted(
                 e["properties"]["$insert_id"] for e in beaconed
             )
-            assert all(r["status"] == 200 for r in to_track(step["requests"]))
+            assert all(r["status"] == 200 for r in to_track(step["requests"])), to_track(step["requests"])
             assert len(admin.named("Left Page")) == 3
             browser.go_on()
             assert browser.process.wait(timeout=30) == 0

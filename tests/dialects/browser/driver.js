@@ -61,7 +61,11 @@ async function main() {
         await page.goto(visit.leave_to);
         await new Promise((resolve) => setTimeout(resolve, BEACON_MS));
       } else {
-        await waitFor(async () => inflight === 0 && Date.now() - last > QUIET_MS && await page.evaluate(
+        // Every request of the visit answered or failed, not only the count
+        // of those in flight at zero (a request reported both failed and
+        // finished, or a beacon's never, would make that count lie).
+        await waitFor(async () => inflight <= 0 && requests.slice(first).every((e) => e.status !== null)
+          && Date.now() - last > QUIET_MS && await page.evaluate(
           () => Object.keys(localStorage).filter((k) => /^__mpq_.*_(ev|pp|gr)$/.test(k))
             .every((k) => JSON.parse(localStorage.getItem(k) || '[]').length === 0)), 'empty queues',
         () => page.evaluate(() => ({ ...localStorage })));
