@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -253,13 +254,17 @@ class Gateway:
             assert self.process.poll() is None, self.log.read_text()
             try:
                 up = httpx.get(self.base + "/healthz", timeout=1).status_code == 200
-                if up and (workers == 1 or len(_children(self.process.pid)) == workers):
+                # Every worker has read the file and serves: a test may edit it now.
+                if up and (workers == 1 or self._serving() == workers):
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         self.process.kill()
         raise AssertionError("gateway did not come up: " + self.log.read_text())
+
+    def _serving(self) -> int:
+        return len(re.findall(r"dialgate worker \d+ serving", self.log.read_text()))
 
     def write(self, tokens: list[str], text: str | None = None) -> None:
         self.config.write_text(text if text is not None else _toml(
