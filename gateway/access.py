@@ -20,6 +20,22 @@ log = logging.getLogger(ACCESS)
 MAX_PATH = 512
 
 
+class StatusNoted:
+    """An ASGI `send` that notes the status of the answer it passes on; 500
+    while none was started (the server's answer to an app that failed)."""
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.status = 500
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class AccessLog:
     """Pure ASGI: logs every HTTP request of the wrapped app."""
 
@@ -36,18 +52,11 @@ class AccessLog:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        # An answer never started is the server's 500.
-        status = 500
-
-        async def noting(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusNoted(send)
         try:
-            await self.app(scope, receive, noting)
+            await self.app(scope, receive, noted)
         finally:
+            status = noted.status
             client = scope.get("client")
             path: str = scope["path"]
             if not path.isascii() or not path.isprintable() or len(path) > MAX_PATH:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.access import StatusNoted
 from gateway.erasure import erase_person
 from gateway.export import ndjson_response
 from gateway.loadmetrics import stream_backlog_text
@@ -279,19 +280,12 @@ class AdminLog:
         if scope["type"] != "http" or not scope["path"].startswith("/admin/"):
             await self.app(scope, receive, send)
             return
-        status = 500
-
-        async def send_noting(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        noted = StatusNoted(send)
         try:
-            await self.app(scope, receive, send_noting)
+            await self.app(scope, receive, noted)
         finally:
             client = scope.get("client")
             # Escaped: a decoded path may hold newlines or control characters.
             path = scope["path"][:512].encode("unicode_escape").decode("ascii")
-            log.info("admin method=%s path=%s status=%d peer=%s", scope["method"], path, status,
+            log.info("admin method=%s path=%s status=%d peer=%s", scope["method"], path, noted.status,
                      client[0] if client else "-")

@@ -83,6 +83,10 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         depth += 1
 
 
+# SQLSTATE of a unique violation.
+UNIQUE_VIOLATION = "23505"
+
+
 def sqlstate(exc: BaseException) -> str:
     for seen in _causes(exc):
         state = getattr(seen, "sqlstate", None) or getattr(seen, "pgcode", None)

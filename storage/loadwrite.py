@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Alias, Event, Rejection
 from storage.engine import Backend, backend_of
+from storage.faults import UNIQUE_VIOLATION
 from storage.groups import Pending
 from storage.logrecords import BadMessage, Batch, Row, decode, decode_rows
 from storage.sql import EVENT_COLUMNS
@@ -48,8 +49,6 @@ RawMessages = Sequence[tuple[int, bytes]]
 
 log = logging.getLogger("dialgate.loader")
 
-# SQLSTATE unique_violation: the direct COPY met an insert id stored before.
-_UNIQUE_VIOLATION = "23505"
 
 _PG_MARK = (
     "INSERT INTO loader_applied (stream, seq) SELECT $1, unnest($2::bigint[]) "
@@ -250,7 +249,7 @@ async def _copy(driver: Any, rows: list[Row]) -> int:
     try:
         await driver.copy_records_to_table("events", records=rows, columns=_PG_COLUMNS)
     except Exception as exc:
-        if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+        if getattr(exc, "sqlstate", None) != UNIQUE_VIOLATION:  # the COPY met an insert id stored before
             raise
         await driver.execute("ROLLBACK TO SAVEPOINT load_copy")
         await driver.execute(_PG_TEMP)

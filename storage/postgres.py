@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.model import Event, Rejection
 from storage.engine import Backend, json_text
-from storage.faults import Fault, classify, constraint, renew_connections, short, sqlstate
+from storage.faults import UNIQUE_VIOLATION, Fault, classify, constraint, renew_connections, short, sqlstate
 from storage.groups import (
     Attempt,
     Pending,
@@ -42,7 +42,6 @@ from storage.sql import (
     PG_INSERT,
     PG_INSERT_MARKED,
     PG_INSERT_TOUCHING,
-    PG_INSERT_TOUCHING_MARKED,
     PG_MARK,
     PG_MARKED,
     PG_MARKS_PRUNE,
@@ -54,31 +53,29 @@ log = logging.getLogger("dialgate.writer")
 
 # How long a group's commit mark is kept: its retry comes at once.
 MARKS_KEPT_MS = 10 * 60 * 1000
-# The commit mark's primary key (migration 0007), and the SQLSTATE of a
-# unique violation.
+# The commit mark's primary key (migration 0007).
 _MARKS_KEY = "pk_commit_marks"
-_UNIQUE_VIOLATION = "23505"
 
 
 def _marked_before(exc: BaseException) -> bool:
     """A unique violation on the commit marks: this group's token is there,
     its transaction committed in an earlier attempt."""
-    return sqlstate(exc) == _UNIQUE_VIOLATION and constraint(exc) == _MARKS_KEY
+    return sqlstate(exc) == UNIQUE_VIOLATION and constraint(exc) == _MARKS_KEY
 
 
 async def insert_events(driver: Any, payload: str, touches: str | None = None,
                         now: int = 0, token: bytes | None = None) -> set[tuple[str, str, str]]:
     """PostgreSQL's one route for events: the JSON array of events in one
-    statement (with `touches`, a JSON array of {project, id}, the same
-    statement also touches those profiles, stamped `now`; with `token`, it
-    also inserts the group's commit mark); the keys stored. `driver` is an
-    asyncpg connection; the caller owns the transaction."""
-    if touches is None:
-        rows = await (driver.fetch(PG_INSERT, payload) if token is None
-                      else driver.fetch(PG_INSERT_MARKED, payload, token))
+    statement, with `token` also the group's commit mark (with `touches`, a
+    JSON array of {project, id}, the same statement also touches those
+    profiles, stamped `now`, and needs the token); the keys stored. `driver`
+    is an asyncpg connection; the caller owns the transaction."""
+    if touches is not None:
+        rows = await driver.fetch(PG_INSERT_TOUCHING, payload, touches, now, token)
+    elif token is not None:
+        rows = await driver.fetch(PG_INSERT_MARKED, payload, token)
     else:
-        rows = await (driver.fetch(PG_INSERT_TOUCHING, payload, touches, now) if token is None
-                      else driver.fetch(PG_INSERT_TOUCHING_MARKED, payload, touches, now, token))
+        rows = await driver.fetch(PG_INSERT, payload)
     return {(p, s, i) for p, s, i in rows if i is not None}
 
 

@@ -21,9 +21,10 @@ PG_INSERT = (
 )
 # The events, and in the same statement the profiles they touch: each id
 # resolved to its person, a missing profile created empty, an existing one
-# only updated (in (project, person) order, as every profile write here).
+# only updated (in (project, person) order, as every profile write here);
+# and the group's commit mark.
 PG_INSERT_TOUCHING = (
-    "WITH touched AS ("
+    "WITH mark AS (INSERT INTO commit_marks (token) VALUES ($4::bytea)), touched AS ("
     "INSERT INTO profiles (project, distinct_id, properties, created_at, updated_at) "
     "SELECT DISTINCT t.project, coalesce(a.person, t.id), '{}'::jsonb, $3::bigint, $3::bigint "
     "FROM json_to_recordset($2::json) AS t(project varchar, id text) "
@@ -33,13 +34,11 @@ PG_INSERT_TOUCHING = (
     "updated_at = greatest(profiles.updated_at, excluded.updated_at)) "
     + PG_INSERT
 )
-# The same statements marking the database with the group's token
-# (storage.postgres: a retry after a lost answer knows whether they
-# committed). An INSERT in WITH runs whether the main statement reads it.
-_MARK = "mark AS (INSERT INTO commit_marks (token) VALUES ({token}))"
-PG_INSERT_MARKED = "WITH " + _MARK.format(token="$2::bytea") + " " + PG_INSERT
-PG_INSERT_TOUCHING_MARKED = PG_INSERT_TOUCHING.replace(
-    "WITH touched AS (", "WITH " + _MARK.format(token="$4::bytea") + ", touched AS (", 1)
+# The events marking the database with their group's token ($2), as
+# PG_INSERT_TOUCHING always does ($4): a retry after a lost answer knows
+# whether they committed (storage.postgres). An INSERT in WITH runs whether
+# the main statement reads it.
+PG_INSERT_MARKED = "WITH mark AS (INSERT INTO commit_marks (token) VALUES ($2::bytea)) " + PG_INSERT
 PG_MARK = "INSERT INTO commit_marks (token) VALUES (:token)"
 PG_MARKED = "SELECT 1 FROM commit_marks WHERE token = :token"
 PG_MARKS_PRUNE = "DELETE FROM commit_marks WHERE token < :before"

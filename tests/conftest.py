@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -133,8 +135,6 @@ def _dump_tasks(signum: int, frame: object) -> None:
     """`kill -USR1 <pytest>`: every asyncio task of the running loop with its
     stack, on stderr (a test that hangs waits in a task, which a thread dump
     does not show)."""
-    import sys
-
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -145,5 +145,5 @@ def _dump_tasks(signum: int, frame: object) -> None:
     sys.__stderr__.flush()
 
 
-if hasattr(__import__("signal"), "SIGUSR1"):
-    __import__("signal").signal(__import__("signal").SIGUSR1, _dump_tasks)
+if hasattr(signal, "SIGUSR1"):
+    signal.signal(signal.SIGUSR1, _dump_tasks)

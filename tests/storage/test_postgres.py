@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import msgspec
 import pytest
@@ -34,7 +36,7 @@ async def test_insert_events_with_and_without_touches(postgres_backend) -> None:
         assert await insert_events(conn, payload) == {("shop", "cohorly", "id-1")}
         payload = msgspec.json.encode([_event(1), _event(3)]).decode()
         touches = '[{"project": "shop", "id": "anon"}]'
-        assert await insert_events(conn, payload, touches, 7) == {("shop", "cohorly", "id-3")}
+        assert await insert_events(conn, payload, touches, 7, os.urandom(16)) == {("shop", "cohorly", "id-3")}
         profiles = await conn.fetch("SELECT distinct_id, properties::text, updated_at FROM profiles")
         count = await conn.fetchval("SELECT count(*) FROM events")
     finally:
